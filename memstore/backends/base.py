@@ -1,0 +1,101 @@
+"""The storage interface every backend implements (one module per backend).
+
+Division of labour:
+- `memstore.store.Store` (above the backends) validates requests: ids in range, byte sizes,
+  finite gradients, read-only mode; it sorts and de-duplicates ids and sums duplicate
+  gradients. A backend therefore receives clean input only.
+- A backend stores rows in the table's storage dtype (`memstore.dtypes`), keeps optimizer state
+  beside the rows (float32, `memstore.optimizers.state_width` columns per row), creates rows
+  lazily from `memstore.init.init_rows` (deterministic per (seed, row id)), applies each
+  (client_id, seq) at most once, and persists itself under its data dir.
+
+Thread-safety: `lookup` may run concurrently with anything; `apply_update`, `snapshot` and
+`drop` on one table are serialised by the table itself.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memstore.spec import TableSpec
+
+
+@dataclass(frozen=True)
+class TableUsage:
+    rows_materialized: int  # rows that hold storage (touched rows; all rows for eager backends)
+    bytes_used: int         # bytes of rows + optimizer state held in RAM or on disk
+
+
+class Table(ABC):
+    """One embedding table with its optimizer state."""
+
+    spec: TableSpec
+
+    @abstractmethod
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Rows for `ids` (int64 [n], each in [0, num_rows), any order, duplicates allowed).
+
+        Returns a C-contiguous array [n, dim] of the storage dtype, in the order of `ids`.
+        A row never written reads as its deterministic initial value.
+        """
+
+    @abstractmethod
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+        """One optimizer step for rows `ids` (int64 [n], sorted, unique) with `grads` (float32
+        [n, dim], finite). Rows and optimizer state change together, atomically.
+
+        Returns False, changing nothing, when `seq` <= the last seq applied for `client_id`
+        on this table (a retried delivery); True when applied. An empty `client_id` disables
+        the check. The (client_id → last seq) memory is bounded and persisted with the table.
+        """
+
+    @abstractmethod
+    def usage(self) -> TableUsage: ...
+
+    @abstractmethod
+    def snapshot(self, dest: Path) -> Path:
+        """Write a consistent copy of the table into the new directory `dest` in the portable
+        snapshot format (`memstore.snapshot`: spec + dedup memory as msgpack, materialized row
+        ids, rows, optimizer state as .npy), atomically (temp dir + rename); returns `dest`."""
+
+
+class Backend(ABC):
+    """A collection of tables persisted under one data directory."""
+
+    name: str
+
+    @abstractmethod
+    def __init__(self, data_dir: Path, **options) -> None:
+        """Open `data_dir` (created if missing) and restore every table found there."""
+
+    @abstractmethod
+    def create_table(self, spec: TableSpec) -> Table:
+        """Raises `AlreadyExists` if a table of that name exists."""
+
+    @abstractmethod
+    def drop_table(self, name: str) -> None:
+        """Remove the table and its files. Raises `NotFound`."""
+
+    @abstractmethod
+    def get(self, name: str) -> Table:
+        """Raises `NotFound`."""
+
+    @abstractmethod
+    def tables(self) -> list[Table]: ...
+
+    @abstractmethod
+    def snapshot(self, name: str) -> Path:
+        """Snapshot one table to `<data_dir>/snapshots/<name>/<UTC timestamp>/`, keeping the
+        newest `keep_snapshots`; returns the new path. Raises `NotFound`."""
+
+    @abstractmethod
+    def checkpoint(self) -> None:
+        """Make everything acknowledged so far survive a restart (RAM: snapshot every table into
+        the data dir, the state restored at start; LMDB: nothing to do beyond a sync)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release files and memory maps. Does not checkpoint (the server calls that first)."""
