@@ -9,6 +9,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from memstore import dtypes
 from memstore.errors import InvalidArgument
 
@@ -81,9 +83,17 @@ class TableSpec:
     dtype: str = "float32"
     init: InitSpec = field(default_factory=InitSpec)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    # This table is shard `shard_index` of `shard_count` of a table of `num_rows` global rows:
+    # global row g lives here iff g % shard_count == shard_index, at local row g // shard_count.
+    # Backends index by local row and initialise rows from their global id (`to_global`), so a
+    # row starts with the same value whatever the shard layout.
+    shard_index: int = 0
+    shard_count: int = 1
 
     def __post_init__(self) -> None:
         check_table_name(self.name)
+        if not (0 <= self.shard_index < self.shard_count):
+            raise InvalidArgument(f"shard_index {self.shard_index} outside [0, {self.shard_count})")
         if not (0 < self.num_rows <= MAX_ROWS):
             raise InvalidArgument(f"num_rows must be in [1, {MAX_ROWS}], got {self.num_rows}")
         if not (0 < self.dim <= MAX_DIM):
@@ -92,6 +102,17 @@ class TableSpec:
             dtypes.check_dtype(self.dtype)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+
+    @property
+    def local_rows(self) -> int:
+        """Rows stored by this shard."""
+        return (self.num_rows - self.shard_index + self.shard_count - 1) // self.shard_count
+
+    def to_global(self, local_ids: np.ndarray) -> np.ndarray:
+        return local_ids * self.shard_count + self.shard_index
+
+    def to_local(self, global_ids: np.ndarray) -> np.ndarray:
+        return global_ids // self.shard_count
 
     @property
     def row_bytes(self) -> int:
@@ -103,4 +124,5 @@ class TableSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TableSpec":
         return cls(name=d["name"], num_rows=int(d["num_rows"]), dim=int(d["dim"]), dtype=d["dtype"],
-                   init=InitSpec(**d["init"]), optimizer=OptimizerSpec(**d["optimizer"]))
+                   init=InitSpec(**d["init"]), optimizer=OptimizerSpec(**d["optimizer"]),
+                   shard_index=int(d.get("shard_index", 0)), shard_count=int(d.get("shard_count", 1)))

@@ -1,0 +1,168 @@
+"""Server configuration: one dataclass, filled from defaults < config file < env vars < CLI flags.
+
+Every field is settable three ways, with the same name:
+- config file (TOML or YAML): `max_concurrent_requests = 64`
+- environment: `MEMSTORE_MAX_CONCURRENT_REQUESTS=64`
+- flag: `--max-concurrent-requests 64`
+Unknown keys in a file or unknown `MEMSTORE_*` variables are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "MEMSTORE_"
+# Environment variables that are not config fields but belong to us (the CLI's client side).
+_ENV_NOT_CONFIG = {"MEMSTORE_TARGET"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, file or variable; the message says which and why."""
+
+
+@dataclass
+class ServerConfig:
+    # Network
+    host: str = "127.0.0.1"            # bind address; 0.0.0.0 only on a trusted network with --token
+    port: int = 50051                  # 0 picks a free port (logged at start)
+    metrics_port: int = -1             # Prometheus /metrics on this port; -1 disables, 0 picks one
+    # Storage
+    backend: str = "ram"               # ram | lmdb
+    data_dir: str = "./memstore-data"
+    keep_snapshots: int = 2            # newest snapshots kept per table
+    snapshot_interval_s: float = 0.0   # RAM backend: periodic checkpoint; 0 disables
+    ram_memmap: bool = False           # RAM backend: back arrays by files in data_dir
+    ram_max_bytes: int = 0             # RAM backend: refuse creates above this many bytes; 0 = no cap
+    lmdb_sync: bool = True             # fsync each commit: acknowledged updates survive power loss
+    lmdb_map_size: int = 1 << 30       # initial LMDB map size per table (grown automatically)
+    lmdb_max_map_size: int = 0         # growth cap per table; 0 = no cap (disk is the limit)
+    # Sharding
+    shard_index: str = "0"             # this daemon's shard, or "auto": the trailing -N of the hostname
+    shard_count: int = 1
+    # Security
+    token: str = ""                    # bearer token required on every RPC but health; "" = none
+    tls_cert: str = ""                 # PEM server certificate (enables TLS)
+    tls_key: str = ""                  # PEM private key
+    tls_client_ca: str = ""            # PEM CA: clients must present a cert it signed (mutual TLS)
+    read_only: bool = False            # refuse CreateTable/DropTable/Update with PERMISSION_DENIED
+    # Limits
+    max_rows_per_request: int = 1 << 22       # 4M rows per Lookup/Update
+    max_concurrent_requests: int = 64         # beyond this: RESOURCE_EXHAUSTED, not a pile-up
+    workers: int = 4                          # threads running backend work (numpy/LMDB release the GIL)
+    grace_s: float = 10.0                     # SIGTERM: time in-flight RPCs get to finish
+    # Logs
+    log_level: str = "info"
+    log_format: str = "text"           # text | json (one JSON object per line)
+
+    def validate(self) -> "ServerConfig":
+        _check(self.backend in ("ram", "lmdb"), f"backend must be ram or lmdb, got {self.backend!r}")
+        _check(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
+        _check(-1 <= self.metrics_port < 65536, f"metrics_port must be -1 or a port, got {self.metrics_port}")
+        _check(self.shard_count >= 1, f"shard_count must be >= 1, got {self.shard_count}")
+        index = self.resolved_shard_index()
+        _check(0 <= index < self.shard_count,
+               f"shard_index {index} is outside [0, shard_count={self.shard_count})")
+        _check(self.max_rows_per_request > 0, "max_rows_per_request must be > 0")
+        _check(self.max_concurrent_requests > 0, "max_concurrent_requests must be > 0")
+        _check(self.workers > 0, "workers must be > 0")
+        _check(self.keep_snapshots >= 1, "keep_snapshots must be >= 1")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
+        _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")
+        _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
+        _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+               f"log_level must be debug/info/warning/error, got {self.log_level!r}")
+        return self
+
+    def resolved_shard_index(self) -> int:
+        """`auto` reads the pod ordinal of a Kubernetes StatefulSet from the hostname (memstore-2 → 2)."""
+        if self.shard_index != "auto":
+            try:
+                return int(self.shard_index)
+            except ValueError:
+                raise ConfigError(f"shard_index must be an integer or 'auto', got {self.shard_index!r}") from None
+        host = socket.gethostname()
+        match = re.search(r"-(\d+)$", host)
+        if not match:
+            raise ConfigError(f"shard_index=auto needs a hostname ending in -<ordinal>, got {host!r}")
+        return int(match.group(1))
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+FIELDS = {f.name: f for f in fields(ServerConfig)}
+
+
+def coerce(name: str, raw: Any) -> Any:
+    """Turn a file/env/flag value into the field's type, with a message naming the field."""
+    kind = type(getattr(ServerConfig(), name))
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return text in ("1", "true", "yes", "on")
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file; unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option = value")
+    data = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown}; valid keys: {sorted(FIELDS)}")
+    return {key: coerce(key, value) for key, value in data.items()}
+
+
+def load_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var in _ENV_NOT_CONFIG:
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name not in FIELDS:
+            raise ConfigError(f"unknown environment variable {var}; valid: "
+                              f"{', '.join(ENV_PREFIX + f.upper() for f in sorted(FIELDS))}")
+        values[name] = coerce(name, raw)
+    return values
+
+
+def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = None,
+                 environ: dict[str, str] | None = None) -> ServerConfig:
+    """defaults < file < environment < flags (flags given as None are 'not set')."""
+    values: dict[str, Any] = {}
+    if file:
+        values.update(load_file(file))
+    values.update(load_env(environ))
+    values.update({k: coerce(k, v) for k, v in (flags or {}).items() if v is not None})
+    return dataclasses.replace(ServerConfig(), **values).validate()
