@@ -1,0 +1,79 @@
+"""Row-wise optimizers: one vectorised numpy step over a batch of rows and their state.
+
+A backend gathers the touched rows (as float32) and their optimizer state, calls `step`, and
+writes both back together. State is float32, `state_width(opt, dim)` columns per row, laid out:
+
+    sgd              width 0
+    adagrad          width dim        [sum of g² per element]
+    rowwise_adagrad  width 1          [sum of mean(g²) per row]
+    adam             width 2*dim + 1  [m (dim) | v (dim) | t (1)]
+
+Adagrad matches torch.optim.Adagrad (lr_decay=0, weight_decay=0): state += g²;
+row -= lr * g / (sqrt(state) + eps). Adam is the lazy, row-wise variant: each row counts its own
+steps `t` for the bias correction, so a row that is touched rarely is not over-corrected (the
+per-row count is float32: exact up to 2^24 steps, after which the correction is 1 anyway).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from memstore.spec import OptimizerSpec
+
+
+def state_width(opt: OptimizerSpec, dim: int) -> int:
+    """float32 columns of optimizer state per row."""
+    return {"sgd": 0, "adagrad": dim, "rowwise_adagrad": 1, "adam": 2 * dim + 1}[opt.kind]
+
+
+def initial_state(opt: OptimizerSpec, n: int, dim: int) -> np.ndarray:
+    """State of `n` rows never updated → float32 [n, state_width]."""
+    width = state_width(opt, dim)
+    if opt.kind in ("adagrad", "rowwise_adagrad"):
+        return np.full((n, width), opt.arg("initial_accumulator_value"), np.float32)
+    return np.zeros((n, width), np.float32)
+
+
+def step(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
+    """One optimizer step, in place on rows (float32 [n, dim]) and state (float32 [n, width]).
+
+    `grads` is float32 [n, dim], one (already summed) gradient per row; rows are distinct.
+    """
+    _STEPS[opt.kind](opt, rows, state, grads)
+
+
+def _sgd(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
+    rows -= np.float32(opt.lr) * grads
+
+
+def _adagrad(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
+    state += grads * grads                                  # (n, dim)
+    denom = np.sqrt(state)
+    denom += np.float32(opt.arg("eps"))
+    rows -= np.float32(opt.lr) * grads / denom
+
+
+def _rowwise_adagrad(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray,
+                     grads: np.ndarray) -> None:
+    state += np.mean(grads * grads, axis=1, keepdims=True)  # (n, 1)
+    denom = np.sqrt(state)
+    denom += np.float32(opt.arg("eps"))
+    rows -= np.float32(opt.lr) * grads / denom              # (n, dim) / (n, 1)
+
+
+def _adam(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
+    dim = rows.shape[1]
+    b1, b2 = np.float32(opt.arg("beta1")), np.float32(opt.arg("beta2"))
+    m, v, t = state[:, :dim], state[:, dim:2 * dim], state[:, 2 * dim:]  # views: (n,dim) (n,dim) (n,1)
+    m *= b1
+    m += (1 - b1) * grads
+    v *= b2
+    v += (1 - b2) * grads * grads
+    t += 1
+    bias1 = 1 - np.power(b1, t)                             # (n, 1)
+    bias2 = 1 - np.power(b2, t)
+    denom = np.sqrt(v / bias2)
+    denom += np.float32(opt.arg("eps"))
+    rows -= np.float32(opt.lr) * (m / bias1) / denom
+
+
+_STEPS = {"sgd": _sgd, "adagrad": _adagrad, "rowwise_adagrad": _rowwise_adagrad, "adam": _adam}
