@@ -1,0 +1,199 @@
+"""`memstore` command line: `serve` runs a daemon; the other commands talk to a running one.
+
+    memstore serve --backend lmdb --data-dir /data --port 50051
+    memstore create-table ngram_l1 --rows 10000000 --dim 64 --dtype float16 --optimizer adam --lr 0.005
+    memstore ls | stats | snapshot [TABLE] | describe TABLE | drop-table TABLE | health
+
+Client commands find the server with --target (or MEMSTORE_TARGET), default 127.0.0.1:50051.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from memstore.config import ConfigError, ServerConfig, build_config
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field, so the flags can never drift from the config."""
+    parser.add_argument("--config", help="TOML or YAML file with any of the options below")
+    defaults = ServerConfig()
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kind = "true|false" if isinstance(default, bool) else type(default).__name__
+        parser.add_argument(flag, dest=f.name, default=None, metavar=kind.upper(),
+                            nargs="?" if isinstance(default, bool) else None,
+                            const="true" if isinstance(default, bool) else None,
+                            help=f"(default {default!r}; env MEMSTORE_{f.name.upper()})")
+
+
+def _client(args):
+    from engram_client.memstore_client import MemStoreClient
+    return MemStoreClient(args.target, token=args.token or None, timeout_s=args.timeout, retry_timeout_s=0)
+
+
+def cmd_serve(args) -> int:
+    from memstore.server import serve, setup_logging
+    flags = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    try:
+        config = build_config(args.config, flags)
+    except ConfigError as exc:
+        print(f"memstore serve: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    serve(config)
+    return 0
+
+
+def cmd_create_table(args) -> int:
+    extra = dict(kv.split("=", 1) for kv in args.optimizer_arg)
+    with _client(args) as client:
+        info = client.create_table(args.name, args.rows, args.dim, dtype=args.dtype, init=args.init,
+                                   init_scale=args.init_scale, seed=args.seed, optimizer=args.optimizer,
+                                   lr=args.lr, if_not_exists=args.if_not_exists,
+                                   **{k: float(v) for k, v in extra.items()})
+    print(_table_line(info))
+    return 0
+
+
+def cmd_ls(args) -> int:
+    with _client(args) as client:
+        tables = client.list_tables()
+    if args.json:
+        print(json.dumps([_table_dict(t) for t in tables], indent=2))
+        return 0
+    print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} {'BYTES':>12}")
+    for t in tables:
+        s = t.spec
+        print(f"{s.name:24} {s.num_rows:>14} {s.dim:>5} {s.dtype:9} {s.optimizer.kind + f'({s.optimizer.lr:g})':16} "
+              f"{t.rows_materialized:>13} {_human(t.bytes_used):>12}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    with _client(args) as client:
+        print(json.dumps(_table_dict(client.describe_table(args.name)), indent=2))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from google.protobuf.json_format import MessageToDict
+    with _client(args) as client:
+        print(json.dumps(MessageToDict(client.stats(), preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    with _client(args) as client:
+        for path in client.snapshot(args.name or ""):
+            print(path)
+    return 0
+
+
+def cmd_drop_table(args) -> int:
+    with _client(args) as client:
+        client.drop_table(args.name)
+    print(f"dropped {args.name}")
+    return 0
+
+
+def cmd_health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{args.target}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _table_dict(info) -> dict:
+    return {**info.spec.to_dict(), "rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
+            "lookups": info.lookups, "updates": info.updates}
+
+
+def _table_line(info) -> str:
+    s = info.spec
+    return f"{s.name}: {s.num_rows} rows x {s.dim} {s.dtype}, {s.optimizer.kind}(lr={s.optimizer.lr:g})"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memstore", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a memstore daemon")
+    _add_serve_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--target", default=os.environ.get("MEMSTORE_TARGET", DEFAULT_TARGET))
+        p.add_argument("--token", default=os.environ.get("MEMSTORE_TOKEN", ""))
+        p.add_argument("--timeout", type=float, default=30.0)
+        p.set_defaults(func=func)
+        return p
+
+    create = client_command("create-table", cmd_create_table, "create a table")
+    create.add_argument("name")
+    create.add_argument("--rows", type=int, required=True)
+    create.add_argument("--dim", type=int, required=True)
+    create.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    create.add_argument("--init", default="normal", choices=["zeros", "normal", "uniform"])
+    create.add_argument("--init-scale", type=float, default=0.02)
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rowwise_adagrad", "adam"])
+    create.add_argument("--lr", type=float, default=0.01)
+    create.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. --optimizer-arg beta2=0.99 (repeatable)")
+    create.add_argument("--if-not-exists", action="store_true")
+
+    ls = client_command("ls", cmd_ls, "list tables")
+    ls.add_argument("--json", action="store_true")
+    client_command("stats", cmd_stats, "server and table statistics (JSON)")
+    snap = client_command("snapshot", cmd_snapshot, "snapshot one table, or all")
+    snap.add_argument("name", nargs="?")
+    describe = client_command("describe", cmd_describe, "one table's spec and usage (JSON)")
+    describe.add_argument("name")
+    drop = client_command("drop-table", cmd_drop_table, "drop a table and its snapshots")
+    drop.add_argument("name")
+    health = client_command("health", cmd_health, "exit 0 when the server is SERVING")
+    health.add_argument("--service", default="")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"memstore: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a CLI prints the error, not a traceback
+        from memstore.errors import MemStoreError
+        if isinstance(exc, MemStoreError):
+            print(f"memstore {args.command}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Cross-cutting server behaviour, each in one place: errors → status codes, auth, metrics.
+
+grpc.aio interceptors can only swap a method's handler, so `_wrap` rebuilds a handler around
+its behaviour for the three RPC shapes memstore uses (unary-unary, unary-stream, stream-unary).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Callable
+
+import grpc
+
+from memstore.errors import MemStoreError
+from memstore.metrics import Metrics
+
+log = logging.getLogger("memstore.rpc")
+
+ERROR_TRAILER = "memstore-error"
+
+# Health checks must answer without credentials (load balancers and kubelet probes have none).
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)
+
+Guard = Callable[[grpc.aio.ServicerContext, str], AbstractAsyncContextManager]
+
+
+def _method_name(details: grpc.HandlerCallDetails) -> str:
+    return details.method.rsplit("/", 1)[-1]
+
+
+def _wrap(handler: grpc.RpcMethodHandler | None, guard: Guard, method: str):
+    """A copy of `handler` whose behaviour runs inside `async with guard(context, method)`."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        async def unary_unary(request, context):
+            async with guard(context, method):
+                return await handler.unary_unary(request, context)
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        async def unary_stream(request, context):
+            async with guard(context, method):  # stream errors surface while iterating
+                async for item in handler.unary_stream(request, context):
+                    yield item
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        async def stream_unary(request_iterator, context):
+            async with guard(context, method):
+                return await handler.stream_unary(request_iterator, context)
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer)
+    return handler  # stream-stream: not used by memstore
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps `MemStoreError` subclasses to their status code; anything else becomes INTERNAL
+    (logged with its traceback) so one bad request never takes the server down."""
+
+    async def intercept_service(self, continuation, details):
+        return _wrap(await continuation(details), self._guard, _method_name(details))
+
+    @staticmethod
+    @asynccontextmanager
+    async def _guard(context, method):
+        try:
+            yield
+        except MemStoreError as exc:
+            # The trailer tells clients this is our verdict on the request (e.g. too large),
+            # not transient back-pressure from gRPC itself: retrying will not help.
+            context.set_trailing_metadata(((ERROR_TRAILER, type(exc).__name__),))
+            await context.abort(exc.code, exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # noqa: BLE001 - the boundary: log it, answer INTERNAL, keep serving
+            log.exception("internal error in %s", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` on every RPC but health, compared in constant time."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(UNAUTHENTICATED_METHODS):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        presented = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(presented, self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        reason = "missing bearer token" if not presented else "wrong bearer token"
+        return _wrap(handler, _refuse(reason), _method_name(details))
+
+
+def _refuse(reason: str) -> Guard:
+    @asynccontextmanager
+    async def refuse(context, method):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {reason}")
+        yield  # never reached: abort raises
+    return refuse
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Request counts by status code, latency histograms and in-flight requests per method."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        return _wrap(await continuation(details), self._guard, _method_name(details))
+
+    @asynccontextmanager
+    async def _guard(self, context, method):
+        start = time.perf_counter()
+        code = "OK"
+        self.metrics.inflight.labels(method).inc()
+        try:
+            yield
+        except grpc.aio.AbortError:
+            code = context.code().name if context.code() else "UNKNOWN"
+            raise
+        except MemStoreError as exc:
+            code = exc.code.name
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            self.metrics.inflight.labels(method).dec()
+            self.metrics.requests.labels(method, code).inc()
+            self.metrics.latency.labels(method).observe(time.perf_counter() - start)

@@ -1,0 +1,221 @@
+"""Building, running and stopping a memstore server.
+
+- `create_server(config)` builds and starts a server (port 0 picks a free one) → (server, port).
+- `serve(config)` runs one until SIGTERM/SIGINT, then stops gracefully: health flips to
+  NOT_SERVING, in-flight RPCs get `grace_s` to finish, RAM tables are snapshotted.
+- `ServerThread` runs a server on a background event loop: tests, benchmarks and the demo use it
+  to get a real server in-process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memstore.backends import open_backend
+from memstore.config import ServerConfig
+from memstore.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from memstore.metrics import Metrics
+from memstore.servicer import MemStoreServicer
+from memstore.store import ShardLayout, Store
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger("memstore.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemStore"].full_name  # "memstore.v1.MemStore"
+
+
+@dataclass
+class MemStoreServer:
+    """A started server and the parts `stop()` has to wind down."""
+    grpc_server: grpc.aio.Server
+    port: int
+    store: Store
+    health: health.aio.HealthServicer
+    executor: ThreadPoolExecutor
+    metrics: Metrics
+    metrics_port: int | None
+    config: ServerConfig
+    _checkpoint_task: asyncio.Task | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let in-flight ones finish, persist RAM tables, release storage."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._checkpoint_task:
+            self._checkpoint_task.cancel()
+        await self.grpc_server.stop(grace)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        await loop.run_in_executor(self.executor, self.store.backend.checkpoint)
+        log.info("checkpointed tables in %.2fs", time.perf_counter() - started)
+        await loop.run_in_executor(self.executor, self.store.backend.close)
+        self.executor.shutdown(wait=True)
+        log.info("stopped")
+
+
+def build_store(config: ServerConfig) -> Store:
+    options = {"keep_snapshots": config.keep_snapshots}
+    if config.backend == "lmdb":
+        options.update(sync=config.lmdb_sync, map_size=config.lmdb_map_size,
+                       max_map_size=config.lmdb_max_map_size or None)
+    else:
+        options.update(memmap=config.ram_memmap, max_bytes=config.ram_max_bytes or None)
+    started = time.perf_counter()
+    backend = open_backend(config.backend, config.data_path, **options)
+    tables = backend.tables()
+    log.info("opened %s backend at %s: %d tables restored in %.2fs", config.backend, config.data_path,
+             len(tables), time.perf_counter() - started)
+    layout = ShardLayout(config.resolved_shard_index(), config.shard_count)
+    return Store(backend, layout, max_rows_per_request=config.max_rows_per_request, read_only=config.read_only)
+
+
+def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+async def create_server(config: ServerConfig, store: Store | None = None) -> tuple[MemStoreServer, int]:
+    """Build, bind and start a server; returns it and the port it bound."""
+    config.validate()
+    store = store or build_store(config)
+    metrics = Metrics()
+    metrics.watch_store(store)
+    interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    if config.token:
+        interceptors.insert(0, AuthInterceptor(config.token))  # refuse before doing any work
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_requests,  # beyond: RESOURCE_EXHAUSTED
+        options=[("grpc.so_reuseport", 0)],  # never share a port with another process by accident
+    )
+    executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
+    pb_grpc.add_MemStoreServicer_to_server(MemStoreServicer(store, executor, config.backend, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    address = f"{config.host}:{config.port}"
+    credentials = _credentials(config)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics_port = metrics.serve_http(config.metrics_port, config.host) if config.metrics_port >= 0 else None
+    running = MemStoreServer(server, port, store, health_servicer, executor, metrics, metrics_port, config)
+    if config.snapshot_interval_s > 0 and config.backend == "ram":
+        running._checkpoint_task = asyncio.create_task(_checkpoint_every(running, config.snapshot_interval_s))
+    log.info("serving", extra={"fields": {
+        "address": f"{config.host}:{port}", "backend": config.backend, "tls": bool(credentials),
+        "auth": bool(config.token), "read_only": config.read_only, "metrics_port": metrics_port,
+        "shard": f"{store.layout.index}/{store.layout.count}"}})
+    return running, port
+
+
+async def _checkpoint_every(server: MemStoreServer, interval_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await loop.run_in_executor(server.executor, server.store.backend.checkpoint)
+        except Exception:  # noqa: BLE001 - keep serving; the next interval tries again
+            log.exception("periodic checkpoint failed")
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> None:
+    server, port = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"memstore listening on {config.host}:{port}", flush=True)  # scripts wait for this line
+    await stop.wait()
+    log.info("signal received: stopping (grace %.1fs)", config.grace_s)
+    await server.stop()
+
+
+class ServerThread:
+    """A real server on a background event loop, for tests and in-process tools.
+
+    >>> with ServerThread(ServerConfig(port=0, data_dir=tmp)) as srv:
+    ...     client = MemStoreClient(f"127.0.0.1:{srv.port}")
+    """
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="memstore-server", daemon=True)
+        self.server: MemStoreServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None, "start() first"
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        self.server, _ = asyncio.run_coroutine_threadsafe(create_server(self.config), self.loop).result()
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result()
+            self.server = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        return super().format(record) + (f" {fields}" if fields else "")
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+                         _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,146 @@
+"""The MemStore gRPC servicer: thin. It converts messages, runs `Store` calls on a thread pool
+(numpy and LMDB work must never block the event loop) and streams rows back in chunks.
+
+Errors are raised as `memstore.errors` exceptions and mapped to status codes by
+`memstore.interceptors.ErrorInterceptor`; nothing here calls `context.abort` for them.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, TypeVar
+
+import numpy as np
+
+from memstore import __version__
+from memstore.errors import InvalidArgument
+from memstore.metrics import Metrics
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.store import GRAD_DTYPE, ID_DTYPE, Store, TableView, parse_grads, parse_ids
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1 << 20  # ~1 MiB per streamed message: well inside gRPC's default 4 MiB limit
+
+DTYPE_TO_PB = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
+
+T = TypeVar("T")
+
+
+def spec_from_pb(msg: pb.TableSpec) -> TableSpec:
+    if msg.dtype not in PB_TO_DTYPE:
+        raise InvalidArgument(f"dtype must be FLOAT32, FLOAT16 or BFLOAT16, got enum value {msg.dtype}")
+    init = InitSpec(kind=msg.init.kind or "normal", scale=msg.init.scale, seed=msg.init.seed)
+    optimizer = OptimizerSpec(kind=msg.optimizer.kind or "sgd", lr=msg.optimizer.lr, args=dict(msg.optimizer.args))
+    return TableSpec(name=msg.name, num_rows=msg.num_rows, dim=msg.dim, dtype=PB_TO_DTYPE[msg.dtype],
+                     init=init, optimizer=optimizer)
+
+
+def spec_to_pb(spec: TableSpec) -> pb.TableSpec:
+    return pb.TableSpec(
+        name=spec.name, num_rows=spec.num_rows, dim=spec.dim, dtype=DTYPE_TO_PB[spec.dtype],
+        init=pb.InitSpec(kind=spec.init.kind, scale=spec.init.scale, seed=spec.init.seed),
+        optimizer=pb.OptimizerSpec(kind=spec.optimizer.kind, lr=spec.optimizer.lr, args=spec.optimizer.args))
+
+
+def info_to_pb(view: TableView) -> pb.TableInfo:
+    return pb.TableInfo(spec=spec_to_pb(view.spec), rows_materialized=view.rows_materialized,
+                        bytes_used=view.bytes_used, lookups=view.counters.lookups,
+                        updates=view.counters.updates, shard_index=view.spec.shard_index,
+                        shard_count=view.spec.shard_count)
+
+
+class MemStoreServicer(pb_grpc.MemStoreServicer):
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics):
+        self.store = store
+        self.executor = executor
+        self.backend_name = backend_name
+        self.metrics = metrics
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # ---- admin --------------------------------------------------------------------------------
+
+    async def CreateTable(self, request: pb.CreateTableRequest, context) -> pb.TableInfo:
+        spec = spec_from_pb(request.spec)
+        return info_to_pb(await self._run(self.store.create_table, spec, request.if_not_exists))
+
+    async def DropTable(self, request: pb.DropTableRequest, context) -> pb.DropTableResponse:
+        await self._run(self.store.drop_table, request.name)
+        return pb.DropTableResponse()
+
+    async def ListTables(self, request, context) -> pb.ListTablesResponse:
+        views = await self._run(self.store.list_tables)
+        return pb.ListTablesResponse(tables=[info_to_pb(v) for v in views])
+
+    async def DescribeTable(self, request: pb.DescribeTableRequest, context) -> pb.TableInfo:
+        return info_to_pb(await self._run(self.store.describe, request.name))
+
+    async def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
+        return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table))
+
+    async def Stats(self, request, context) -> pb.StatsResponse:
+        views = await self._run(self.store.list_tables)
+        counters = {
+            "lookup_rows": float(sum(v.counters.lookup_rows for v in views)),
+            "update_rows": float(sum(v.counters.update_rows for v in views)),
+            "duplicate_updates": float(sum(v.counters.duplicate_updates for v in views)),
+        }
+        return pb.StatsResponse(tables=[info_to_pb(v) for v in views], counters=counters,
+                                version=__version__, backend=self.backend_name,
+                                read_only=self.store.read_only)
+
+    # ---- data path ----------------------------------------------------------------------------
+
+    async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[pb.LookupChunk]:
+        dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
+        rows = await self._run(self.store.lookup, request.table, request.ids)  # (n, dim)
+        n, dim = rows.shape
+        self.metrics.rows.labels("Lookup", request.table).inc(n)
+        self.metrics.bytes.labels("Lookup", request.table).inc(rows.nbytes)
+        if n == 0:
+            yield pb.LookupChunk(rows=b"", row_offset=0, dtype=dtype, dim=dim)
+            return
+        row_bytes = rows.strides[0]
+        rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
+        payload = memoryview(rows).cast("B")
+        for start in range(0, n, rows_per_chunk):
+            stop = min(n, start + rows_per_chunk)
+            yield pb.LookupChunk(rows=bytes(payload[start * row_bytes:stop * row_bytes]), row_offset=start,
+                                 dtype=dtype, dim=dim)
+
+    async def Update(self, request_iterator, context) -> pb.UpdateResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise InvalidArgument("Update: empty stream (the first chunk must carry table, total_rows, ...)")
+        spec = self.store.check_update_size(first.table, first.total_rows)
+        ids, grads = await self._receive_update(first, request_iterator, spec.dim)
+        applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id, first.seq)
+        self.metrics.rows.labels("Update", first.table).inc(len(ids))
+        self.metrics.bytes.labels("Update", first.table).inc(ids.nbytes + grads.nbytes)
+        return pb.UpdateResponse(applied=applied, rows=rows)
+
+    async def _receive_update(self, first: pb.UpdateChunk, rest, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copy the streamed chunks into buffers sized by the header, refusing any overflow."""
+        total = first.total_rows
+        ids = np.empty(total, dtype=ID_DTYPE)
+        grads = np.empty((total, dim), dtype=GRAD_DTYPE)
+        filled = 0
+
+        def take(chunk: pb.UpdateChunk) -> None:
+            nonlocal filled
+            chunk_ids = parse_ids(chunk.ids)
+            if filled + len(chunk_ids) > total:
+                raise InvalidArgument(f"Update: chunks carry more than total_rows={total} rows")
+            ids[filled:filled + len(chunk_ids)] = chunk_ids
+            grads[filled:filled + len(chunk_ids)] = parse_grads(chunk.grads, len(chunk_ids), dim)
+            filled += len(chunk_ids)
+
+        take(first)
+        async for chunk in rest:
+            take(chunk)
+        if filled != total:
+            raise InvalidArgument(f"Update: total_rows={total} but the chunks carried {filled} rows")
+        return ids, grads

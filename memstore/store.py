@@ -1,0 +1,202 @@
+"""The request layer between the gRPC servicer and a storage backend.
+
+Everything a client sends is checked here, once, before a backend sees it: byte lengths, row
+ranges, shard ownership, request size limits, finite gradients, read-only mode. Duplicate ids in
+an update are summed here too, so backends receive sorted unique ids only. Ids are translated
+from global row ids (what clients use) to this shard's local rows (what backends store).
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from memstore.backends.base import Backend, Table
+from memstore.errors import AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted
+from memstore.spec import TableSpec
+
+ID_DTYPE = np.dtype("<i8")
+GRAD_DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class TableCounters:
+    lookups: int = 0
+    lookup_rows: int = 0
+    updates: int = 0
+    update_rows: int = 0
+    duplicate_updates: int = 0
+
+
+@dataclass(frozen=True)
+class TableView:
+    """What DescribeTable reports: the global spec plus this shard's usage and counters."""
+    spec: TableSpec          # global view: num_rows of the whole table, shard fields of this daemon
+    rows_materialized: int
+    bytes_used: int
+    counters: TableCounters
+
+
+def parse_ids(raw: bytes, what: str = "ids") -> np.ndarray:
+    if len(raw) % ID_DTYPE.itemsize:
+        raise InvalidArgument(f"{what}: {len(raw)} bytes is not a whole number of int64 ids (8 bytes each)")
+    return np.frombuffer(raw, dtype=ID_DTYPE)
+
+
+def parse_grads(raw: bytes, rows: int, dim: int) -> np.ndarray:
+    expected = rows * dim * GRAD_DTYPE.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"grads: got {len(raw)} bytes, expected {expected} = {rows} rows x dim {dim} x 4 bytes "
+            "(gradients are little-endian float32)")
+    return np.frombuffer(raw, dtype=GRAD_DTYPE).reshape(rows, dim)
+
+
+def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ids and the sum of the gradient rows of each (vectorised segment sum)."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    if len(starts) == len(ids):
+        return sorted_ids, grads[order]
+    return sorted_ids[starts], np.add.reduceat(grads[order], starts, axis=0)
+
+
+class Store:
+    def __init__(self, backend: Backend, layout: ShardLayout = ShardLayout(), *,
+                 max_rows_per_request: int = 1 << 22, read_only: bool = False):
+        self.backend = backend
+        self.layout = layout
+        self.max_rows_per_request = max_rows_per_request
+        self.read_only = read_only
+        self._counters: dict[str, TableCounters] = {}
+        self._admin_lock = threading.Lock()  # create/drop are rare; keep them simple and serial
+
+    # ---- tables -------------------------------------------------------------------------------
+
+    def create_table(self, spec: TableSpec, if_not_exists: bool = False) -> TableView:
+        self._check_writable("CreateTable")
+        local_spec = dataclasses.replace(spec, shard_index=self.layout.index, shard_count=self.layout.count)
+        with self._admin_lock:
+            if any(t.spec.name == spec.name for t in self.backend.tables()):
+                existing = self.backend.get(spec.name).spec
+                if if_not_exists and existing == local_spec:
+                    return self.describe(spec.name)
+                raise AlreadyExists(
+                    f"table {spec.name!r} exists with a {'different ' if existing != local_spec else ''}spec: "
+                    f"{_describe_spec(existing)}")
+            self.backend.create_table(local_spec)
+        return self.describe(spec.name)
+
+    def drop_table(self, name: str) -> None:
+        self._check_writable("DropTable")
+        with self._admin_lock:
+            self.backend.drop_table(name)
+            self._counters.pop(name, None)
+
+    def spec(self, name: str) -> TableSpec:
+        return self.backend.get(name).spec
+
+    def describe(self, name: str) -> TableView:
+        table = self.backend.get(name)
+        usage = table.usage()
+        return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name))
+
+    def list_tables(self) -> list[TableView]:
+        return [self.describe(t.spec.name) for t in sorted(self.backend.tables(), key=lambda t: t.spec.name)]
+
+    def snapshot(self, name: str = "") -> list[str]:
+        names = [name] if name else [t.spec.name for t in self.backend.tables()]
+        return [str(self.backend.snapshot(n)) for n in names]
+
+    # ---- data path ----------------------------------------------------------------------------
+
+    def lookup(self, name: str, raw_ids: bytes) -> np.ndarray:
+        """Rows [n, dim] (storage dtype) for the global row ids in `raw_ids`, in request order."""
+        table = self.backend.get(name)
+        ids = parse_ids(raw_ids)
+        self._check_count(len(ids), "Lookup")
+        local_ids = self._to_local(table, ids)
+        rows = table.lookup(local_ids)
+        counters = self._counter(name)
+        counters.lookups += 1
+        counters.lookup_rows += len(ids)
+        return rows
+
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> tuple[bool, int]:
+        """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim]."""
+        self._check_writable("Update")
+        table = self.backend.get(name)
+        if len(client_id) > 256:
+            raise InvalidArgument(f"client_id is {len(client_id)} characters; at most 256")
+        if client_id and seq <= 0:
+            raise InvalidArgument("seq must be > 0 when client_id is set (it orders a client's updates)")
+        if grads.shape != (len(ids), table.spec.dim):
+            raise InvalidArgument(f"grads shape {grads.shape} does not match {len(ids)} ids x dim {table.spec.dim}")
+        local_ids = self._to_local(table, ids)
+        if not np.isfinite(grads).all():
+            bad = int(np.flatnonzero(~np.isfinite(grads).all(axis=1))[0])
+            raise InvalidArgument(f"grads hold NaN or Inf (first at row {bad}, id {int(ids[bad])}); nothing applied")
+        unique_ids, summed = sum_duplicates(local_ids, grads)
+        applied = table.apply_update(unique_ids, np.ascontiguousarray(summed), client_id, seq)
+        counters = self._counter(name)
+        counters.updates += int(applied)
+        counters.update_rows += len(unique_ids) if applied else 0
+        counters.duplicate_updates += int(not applied)
+        return applied, len(unique_ids)
+
+    def check_update_size(self, name: str, total_rows: int) -> TableSpec:
+        """Called on an Update's first chunk, before the rest is buffered."""
+        self._check_writable("Update")
+        spec = self.backend.get(name).spec
+        if total_rows <= 0:
+            raise InvalidArgument("Update: total_rows must be > 0 in the first chunk")
+        self._check_count(total_rows, "Update")
+        return spec
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def _to_local(self, table: Table, ids: np.ndarray) -> np.ndarray:
+        if len(ids) == 0:
+            return ids
+        num_rows = table.spec.num_rows
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_rows:
+            bad = lo if lo < 0 else hi
+            raise InvalidArgument(f"row id {bad} is outside table {table.spec.name!r} of {num_rows} rows")
+        count, index = self.layout.count, self.layout.index
+        if count == 1:
+            return ids
+        wrong = ids % count != index
+        if wrong.any():
+            bad = int(ids[np.argmax(wrong)])
+            raise InvalidArgument(
+                f"row id {bad} belongs to shard {bad % count}, not this shard {index} of {count}: "
+                "the client's shard list or routing does not match the cluster")
+        return ids // count
+
+    def _check_count(self, rows: int, method: str) -> None:
+        if rows > self.max_rows_per_request:
+            raise ResourceExhausted(
+                f"{method} of {rows} rows exceeds max_rows_per_request={self.max_rows_per_request}; "
+                "split the request")
+
+    def _check_writable(self, method: str) -> None:
+        if self.read_only:
+            raise PermissionDenied(f"{method} refused: this server is read-only (--read-only)")
+
+    def _counter(self, name: str) -> TableCounters:
+        return self._counters.setdefault(name, TableCounters())
+
+
+def _describe_spec(spec: TableSpec) -> str:
+    return (f"num_rows={spec.num_rows} dim={spec.dim} dtype={spec.dtype} init={spec.init.kind}"
+            f"({spec.init.scale}, seed={spec.init.seed}) optimizer={spec.optimizer.kind}(lr={spec.optimizer.lr})")
