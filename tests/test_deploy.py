@@ -195,6 +195,7 @@ def test_config_file_is_mounted_where_config_points():
 def test_service_is_headless_and_selects_the_pods():
     sts, svc = k8s_object("StatefulSet"), k8s_object("Service")
     assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True, "a shard's name must resolve while it restarts"
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
     pod_labels = sts["spec"]["template"]["metadata"]["labels"]
     selectors = {
@@ -399,6 +400,16 @@ def test_server_image_installs_no_torch():
     for ins, args in stage_instructions("builder"):
         if ins == "RUN" and "pip install" in args and "requirements-server" not in args:
             assert "--no-deps" in args, f"`{args}` may pull torch into the server image"
+
+
+def test_server_and_admin_commands_import_without_torch():
+    # The server image has no torch, yet runs `memstore serve` and the admin commands (`memstore
+    # snapshot`, `ls`, `health`), which use engram_client's gRPC client. Block torch and import them.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import memstore.cli, memstore.server, engram_client.memstore_client")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, "the server image would fail without torch:\n" + result.stderr[-2000:]
 
 
 def test_copied_paths_exist_and_pass_dockerignore():
