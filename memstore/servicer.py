@@ -96,7 +96,7 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[pb.LookupChunk]:
         dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
-        rows = await self._run(self.store.lookup, request.table, request.ids)  # (n, dim)
+        rows = await self._run(self.store.lookup, request.table, parse_ids(request.ids))  # (n, dim)
         n, dim = rows.shape
         self.metrics.rows.labels("Lookup", request.table).inc(n)
         self.metrics.bytes.labels("Lookup", request.table).inc(rows.nbytes)

@@ -119,10 +119,9 @@ class Store:
 
     # ---- data path ----------------------------------------------------------------------------
 
-    def lookup(self, name: str, raw_ids: bytes) -> np.ndarray:
-        """Rows [n, dim] (storage dtype) for the global row ids in `raw_ids`, in request order."""
+    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows [n, dim] (storage dtype) for global row ids (int64 [n]), in request order."""
         table = self.backend.get(name)
-        ids = parse_ids(raw_ids)
         self._check_count(len(ids), "Lookup")
         local_ids = self._to_local(table, ids)
         rows = table.lookup(local_ids)

@@ -37,9 +37,10 @@ def test_table_lifecycle(client):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_untouched_rows_read_as_their_deterministic_init(client, dtype):
-    client.create_table("t", 10**11, 8, dtype=dtype, init="normal", init_scale=0.5, seed=7)
-    ids = np.array([0, 5, 10**11 - 1, 5, 123456789])
+def test_untouched_rows_read_as_their_deterministic_init(client, backend, dtype):
+    num_rows = 10**11 if backend == "lmdb" else 10**8  # RAM reserves (virtual) memory for every row
+    client.create_table("t", num_rows, 8, dtype=dtype, init="normal", init_scale=0.5, seed=7)
+    ids = np.array([0, 5, num_rows - 1, 5, 12345678])
     rows = client.lookup("t", ids)
     expected = dtypes.from_float32(init_rows(InitSpec("normal", 0.5, 7), ids, 8), dtype)
     np.testing.assert_array_equal(rows, expected)

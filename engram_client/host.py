@@ -1,0 +1,73 @@
+"""The memstore storage engine inside the training process: host-RAM tables, no server.
+
+This is the paper's offload on one machine: the tables sit in host DRAM (numpy), rows are
+gathered on the CPU by background threads and copied to the model's device, and the same
+row-wise optimizers as the server apply the sparse updates. `InProcessStore` has the row-store
+API of `MemStoreClient` (`lookup_async`, `update_async`, ...), so `RemoteTables` runs on it as is.
+"""
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from engram_client.memstore_client import TableInfo
+from engram_client.remote import RemoteTables
+from memstore.backends import open_backend
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.store import Store
+
+
+class InProcessStore:
+    def __init__(self, data_dir: str | Path | None = None, backend: str = "ram", workers: int = 2):
+        self._tmp = tempfile.TemporaryDirectory(prefix="engram-host-") if data_dir is None else None
+        self.data_dir = Path(self._tmp.name if self._tmp else data_dir)
+        self.store = Store(open_backend(backend, self.data_dir))
+        self._lookups = ThreadPoolExecutor(workers, thread_name_prefix="engram-host-lookup")
+        self._updates = ThreadPoolExecutor(1, thread_name_prefix="engram-host-update")  # in order
+
+    def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
+                     init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
+                     if_not_exists: bool = False, **optimizer_args: float) -> TableInfo:
+        spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
+                         OptimizerSpec(optimizer, lr, optimizer_args))
+        return self._info(self.store.create_table(spec, if_not_exists))
+
+    def describe_table(self, name: str) -> TableInfo:
+        return self._info(self.store.describe(name))
+
+    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self.store.lookup(name, np.asarray(ids, dtype=np.int64).reshape(-1))
+
+    def lookup_async(self, name: str, ids: np.ndarray) -> Future:
+        return self._lookups.submit(self.lookup, name, ids)
+
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
+        return self.update_async(name, ids, grads).result()
+
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Future:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        grads = np.asarray(grads, dtype=np.float32)
+        return self._updates.submit(lambda: self.store.update(name, ids, grads, "", 0)[0])
+
+    @staticmethod
+    def _info(view) -> TableInfo:
+        return TableInfo(view.spec, view.rows_materialized, view.bytes_used, view.counters.lookups,
+                         view.counters.updates)
+
+    def close(self) -> None:
+        self._updates.shutdown(wait=True)
+        self._lookups.shutdown(wait=True)
+        self.store.backend.close()
+        if self._tmp:
+            self._tmp.cleanup()
+
+
+class HostTables(RemoteTables):
+    """An Engram layer's table in this process's RAM, trained by the memstore optimizers."""
+
+    def __init__(self, num_rows: int, dim: int, *, store: InProcessStore | None = None,
+                 name: str = "engram", **kwargs):
+        super().__init__(store or InProcessStore(), name, num_rows, dim, **kwargs)

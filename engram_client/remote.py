@@ -1,0 +1,225 @@
+"""Table sources whose rows live outside the model: on memstore servers, or in host RAM.
+
+Both are one class, `RemoteTables`, over a *row store* (anything with `lookup_async(name, ids)`,
+`update_async(name, ids, grads)`, `create_table(...)`, `describe_table(name)`):
+- `MemStoreTables(client, ...)`: a `MemStoreClient` or `ShardedClient`; the optimizer runs on the servers.
+- `HostTables(num_rows, dim, ...)`: an in-process RAM table (the paper's host-DRAM offload,
+  no server): rows are gathered on the CPU in the background and copied to the model's device.
+
+Forward: the unique row ids of the batch are looked up (or taken from a prefetch queued by
+`engram_client.prefetch.Prefetcher`), turned into a leaf tensor of shape [U, D] on the model's
+device, and expanded to [B, T, H, D]. Backward: autograd sums the gradient per unique row (the
+index's backward), a hook ships it as one `Update`, and the row store's optimizer applies it.
+
+Consistency (`mode`):
+- "sync": every lookup sees every earlier update, exactly like local training. Prefetched rows
+  that an update touched after the prefetch was sent are fetched again once that update is
+  acknowledged (only the overlap moves twice).
+- "async": rows may miss the immediately preceding step's update (staleness bounded by one step):
+  the step's update travels while the next step computes.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engram_client.tables import TableSource
+
+MODES = ("sync", "async")
+
+
+@dataclass
+class PendingLookup:
+    """Rows requested ahead of a forward pass (by the prefetcher) or in it."""
+    row_ids: torch.Tensor        # (B, T, H) on the CPU: what the forward must match
+    unique: np.ndarray           # (U,) sorted unique row ids
+    inverse: torch.Tensor        # (B*T*H,) position of each row id in `unique`
+    rows: Future                 # -> np.ndarray (U, D) in the table's storage dtype
+    updates_seen: int            # updates acknowledged before this lookup was sent
+
+
+class _UpdateLog:
+    """Updates of this source in the order they were sent, numbered from 0, with their acks.
+
+    Updates are acknowledged in order (one sender per client), so "the first n are acked" is a
+    single number. Entries every queued lookup has already seen are dropped (`forget_before`).
+    """
+
+    def __init__(self) -> None:
+        self._base = 0                                  # number of the oldest entry still kept
+        self._entries: deque[tuple[np.ndarray, Future]] = deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._base + len(self._entries)
+
+    def append(self, ids: np.ndarray, future: Future) -> None:
+        with self._lock:
+            self._entries.append((ids, future))
+
+    def acknowledged(self) -> int:
+        with self._lock:
+            done = 0
+            while done < len(self._entries) and self._entries[done][1].done():
+                done += 1
+            return self._base + done
+
+    def wait(self, upto: int, since: int = 0) -> list[np.ndarray]:
+        """Wait for updates [0, upto); return the ids of updates [since, upto)."""
+        with self._lock:
+            kept = list(self._entries)[:max(0, upto - self._base)]
+            first = max(0, since - self._base)
+        for _, future in kept:
+            future.result()  # raises if an update failed: never train on silently lost updates
+        return [ids for ids, _ in kept[first:]]
+
+    def forget_before(self, number: int) -> None:
+        with self._lock:
+            while self._base < number and self._entries and self._entries[0][1].done():
+                self._entries.popleft()
+                self._base += 1
+
+
+@dataclass
+class SourceStats:
+    lookups: int = 0
+    rows_fetched: int = 0
+    rows_refetched: int = 0
+    wait_s: float = 0.0          # time forward passes spent blocked on rows or acknowledgements
+    last_wait_s: float = 0.0
+
+
+class RemoteTables(TableSource):
+    def __init__(self, store, name: str, num_rows: int, dim: int, *, dtype: str = "float32",
+                 optimizer: str = "adam", lr: float = 1e-3, init: str = "normal", init_scale: float = 0.02,
+                 seed: int = 0, mode: str = "sync", create: bool = True, **optimizer_args: float):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.store, self.name, self.num_rows, self.dim, self.mode = store, name, int(num_rows), int(dim), mode
+        self.table_kwargs = dict(dtype=dtype, optimizer=optimizer, lr=lr, init=init, init_scale=init_scale,
+                                 seed=seed, **optimizer_args)
+        if create:
+            self._attach()
+        self._queue: deque[PendingLookup] = deque()
+        self._updates = _UpdateLog()
+        self.stats = SourceStats()
+        self.register_buffer("_device_probe", torch.empty(0), persistent=False)  # follows .to(device)
+
+    def _attach(self) -> None:
+        """Create the table, or check that the existing one is exactly what this block needs."""
+        from memstore.errors import FailedPrecondition
+        try:
+            info = self.store.create_table(self.name, self.num_rows, self.dim, if_not_exists=True, **self.table_kwargs)
+        except Exception as exc:
+            if getattr(exc, "code", None) is not None and exc.code.name == "ALREADY_EXISTS":
+                raise FailedPrecondition(
+                    f"memstore table {self.name!r} exists but does not match this Engram layer "
+                    f"({self.num_rows} rows x {self.dim}, {self.table_kwargs}): {exc}") from None
+            raise
+        spec = info.spec
+        if (spec.num_rows, spec.dim, spec.dtype) != (self.num_rows, self.dim, self.table_kwargs["dtype"]):
+            raise FailedPrecondition(f"table {self.name!r} is {spec.num_rows} x {spec.dim} {spec.dtype}, "
+                                     f"expected {self.num_rows} x {self.dim} {self.table_kwargs['dtype']}")
+
+    # ---- lookups ------------------------------------------------------------------------------
+
+    def request(self, row_ids: torch.Tensor) -> PendingLookup:
+        """Start fetching the rows of `row_ids` (B, T, H); thread-safe, used by the prefetcher."""
+        row_ids = row_ids.detach().to("cpu", torch.int64)
+        unique, inverse = torch.unique(row_ids.reshape(-1), sorted=True, return_inverse=True)
+        unique_np = unique.numpy()
+        updates_seen = self._updates.acknowledged()
+        rows = self.store.lookup_async(self.name, unique_np)
+        return PendingLookup(row_ids, unique_np, inverse, rows, updates_seen)
+
+    def enqueue(self, pending: PendingLookup) -> None:
+        """Queue a prefetched lookup for the next forward pass (in batch order)."""
+        self._queue.append(pending)
+
+    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
+        pending = self._take_pending(row_ids)
+        started = time.perf_counter()
+        unique_rows = self._ready_rows(pending)                               # (U, D) numpy
+        wait = time.perf_counter() - started
+        self.stats.wait_s += wait
+        self.stats.last_wait_s = wait
+        self.stats.lookups += 1
+        self.stats.rows_fetched += len(pending.unique)
+        self._updates.forget_before(min([p.updates_seen for p in self._queue], default=len(self._updates)))
+
+        weights = _to_tensor(unique_rows, self.table_kwargs["dtype"], self._device_probe.device)  # (U, D)
+        if self.training and torch.is_grad_enabled():
+            weights.requires_grad_(True)
+            unique_ids = pending.unique
+            weights.register_hook(lambda grad: self._push(unique_ids, grad))
+        inverse = pending.inverse.to(weights.device, non_blocking=True)
+        return weights[inverse].view(*row_ids.shape, self.dim)                # (B, T, H, D)
+
+    def _take_pending(self, row_ids: torch.Tensor) -> PendingLookup:
+        if self._queue:
+            pending = self._queue.popleft()
+            if pending.row_ids.shape == row_ids.shape and torch.equal(pending.row_ids, row_ids.cpu()):
+                return pending
+            self._queue.clear()  # out of step with the prefetcher (e.g. an eval batch): fetch directly
+        self._updates.wait(self._must_see())  # no prefetch: wait first rather than fetch twice
+        return self.request(row_ids)
+
+    def _must_see(self) -> int:
+        """Updates a lookup made now has to reflect: all of them, or all but the last (async)."""
+        return max(0, len(self._updates) - (1 if self.mode == "async" else 0))
+
+    def _ready_rows(self, pending: PendingLookup) -> np.ndarray:
+        """The prefetched rows, made as fresh as the consistency mode promises."""
+        rows = pending.rows.result()
+        must_see = self._must_see()
+        if must_see <= pending.updates_seen:
+            return rows
+        missed = self._updates.wait(must_see, since=pending.updates_seen)
+        if not missed:
+            return rows
+        stale = np.intersect1d(pending.unique, np.concatenate(missed), assume_unique=False)
+        if len(stale) == 0:
+            return rows
+        rows = rows.copy() if not rows.flags.writeable else rows
+        rows[np.searchsorted(pending.unique, stale)] = self.store.lookup_async(self.name, stale).result()
+        self.stats.rows_refetched += len(stale)
+        return rows
+
+    # ---- updates ------------------------------------------------------------------------------
+
+    def _push(self, unique_ids: np.ndarray, grad: torch.Tensor) -> None:
+        """Autograd hook: grad (U, D) is already summed per unique row; ship it."""
+        grads = grad.detach().to("cpu", torch.float32).numpy()
+        self._updates.append(unique_ids, self.store.update_async(self.name, unique_ids, grads))
+
+    def flush(self) -> None:
+        """Wait until every update sent so far is applied (end of training, before eval/checkpoint)."""
+        self._updates.wait(len(self._updates))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_rows={self.num_rows}, dim={self.dim}, mode={self.mode}"
+
+
+def _to_tensor(rows: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
+    """Storage rows → float32 tensor on `device` (pinned + non-blocking copy on a GPU)."""
+    tensor = torch.from_numpy(rows)
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device=device, dtype=torch.float32)
+
+
+class MemStoreTables(RemoteTables):
+    """Rows on memstore (one server or a `ShardedClient`); the server's optimizer trains them."""
+
+    def __init__(self, client, name: str, num_rows: int, dim: int, **kwargs):
+        super().__init__(client, name, num_rows, dim, **kwargs)

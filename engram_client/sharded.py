@@ -1,0 +1,135 @@
+"""A client for a table split across several memstore shards.
+
+Routing (documented, deterministic, shared with the servers): global row r lives on shard
+`r % S` (S = number of targets, in list order). Row ids are hashed n-gram indices, so the modulo
+spreads them evenly; each shard stores its rows densely at local index `r // S`.
+
+Per batch: ids are de-duplicated (a Zipfian batch moves each row once), split by shard, sent as
+one request per shard in parallel, and the answers are put back in request order.
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from engram_client.memstore_client import MemStoreClient, TableInfo
+from memstore.errors import FailedPrecondition
+from memstore.store import sum_duplicates
+
+
+def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard holding each global row id."""
+    return ids % num_shards
+
+
+def split_by_shard(ids: np.ndarray, num_shards: int) -> tuple[np.ndarray, list[slice]]:
+    """A permutation grouping `ids` by shard, and each shard's slice of the permuted ids."""
+    shards = shard_of(ids, num_shards)
+    order = np.argsort(shards, kind="stable")
+    bounds = np.searchsorted(shards[order], np.arange(num_shards + 1))
+    return order, [slice(bounds[s], bounds[s + 1]) for s in range(num_shards)]
+
+
+class ShardedClient:
+    """Same API as `MemStoreClient`, over shards given in shard order."""
+
+    def __init__(self, targets: Sequence[str] | str, **client_kwargs):
+        if isinstance(targets, str):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        if not targets:
+            raise ValueError("ShardedClient needs at least one target")
+        self.targets = list(targets)
+        self.shards = [MemStoreClient(t, **client_kwargs) for t in self.targets]
+        self._pool = ThreadPoolExecutor(max(2, len(self.shards)), thread_name_prefix="memstore-shards")
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    # ---- tables -------------------------------------------------------------------------------
+
+    def create_table(self, name: str, num_rows: int, dim: int, **kwargs) -> TableInfo:
+        infos = list(self._pool.map(lambda c: c.create_table(name, num_rows, dim, **kwargs), self.shards))
+        return self._merge(infos)
+
+    def describe_table(self, name: str) -> TableInfo:
+        return self._merge(list(self._pool.map(lambda c: c.describe_table(name), self.shards)))
+
+    def list_tables(self) -> list[TableInfo]:
+        per_shard = list(self._pool.map(lambda c: {t.spec.name: t for t in c.list_tables()}, self.shards))
+        names = sorted(set().union(*per_shard))
+        return [self._merge([tables[n] for tables in per_shard if n in tables]) for n in names]
+
+    def drop_table(self, name: str) -> None:
+        list(self._pool.map(lambda c: c.drop_table(name), self.shards))
+
+    def snapshot(self, name: str = "") -> list[str]:
+        return [p for paths in self._pool.map(lambda c: c.snapshot(name), self.shards) for p in paths]
+
+    def _merge(self, infos: list[TableInfo]) -> TableInfo:
+        """One view of a table from its shards, after checking each shard is where we think."""
+        for index, info in enumerate(infos):
+            if (info.spec.shard_index, info.spec.shard_count) != (index, self.num_shards) and self.num_shards > 1:
+                raise FailedPrecondition(
+                    f"{self.targets[index]} is shard {info.spec.shard_index} of {info.spec.shard_count}, but this "
+                    f"client lists it as shard {index} of {self.num_shards}: fix the target order or the servers' "
+                    "--shard-index/--shard-count")
+        spec = replace(infos[0].spec, shard_index=0, shard_count=1)
+        return TableInfo(spec, sum(i.rows_materialized for i in infos), sum(i.bytes_used for i in infos),
+                         sum(i.lookups for i in infos), sum(i.updates for i in infos))
+
+    # ---- data path ----------------------------------------------------------------------------
+
+    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self.lookup_async(name, ids).result()
+
+    def lookup_async(self, name: str, ids: np.ndarray) -> Future:
+        ids = np.asarray(ids, dtype="<i8").reshape(-1)
+        if self.num_shards == 1:
+            return self.shards[0].lookup_async(name, ids)
+        unique, inverse = np.unique(ids, return_inverse=True)
+        order, parts = split_by_shard(unique, self.num_shards)
+        futures = [(part, shard.lookup_async(name, unique[order[part]]))
+                   for shard, part in zip(self.shards, parts) if part.stop > part.start]
+        return self._pool.submit(_gather, futures, order, inverse, len(unique))
+
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
+        return self.update_async(name, ids, grads).result()
+
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Future:
+        """One update per shard that owns some of the rows; each shard applies its part exactly once."""
+        ids, grads = sum_duplicates(np.asarray(ids, dtype="<i8").reshape(-1), np.asarray(grads, dtype="<f4"))
+        if self.num_shards == 1:
+            return self.shards[0].update_async(name, ids, grads)
+        order, parts = split_by_shard(ids, self.num_shards)
+        futures = [shard.update_async(name, ids[order[part]], grads[order[part]])
+                   for shard, part in zip(self.shards, parts) if part.stop > part.start]
+        return self._pool.submit(lambda: all([f.result() for f in futures]))
+
+    def stats(self) -> list:
+        return [c.stats() for c in self.shards]
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ShardedClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _gather(futures: list[tuple[slice, Future]], order: np.ndarray, inverse: np.ndarray, n_unique: int) -> np.ndarray:
+    """Put each shard's rows back at their unique-id positions, then expand to request order."""
+    unique_rows = None
+    for part, future in futures:
+        rows = future.result()
+        if unique_rows is None:
+            unique_rows = np.empty((n_unique, rows.shape[1]), dtype=rows.dtype)
+        unique_rows[order[part]] = rows
+    return unique_rows[inverse]
