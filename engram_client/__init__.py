@@ -1,25 +1,51 @@
-"""engram_client: the model side of Engram (hashing, token compression, EngramBlock, table sources)."""
+"""engram_client: the model side of Engram (hashing, token compression, EngramBlock, table sources).
 
-from engram_client.block import EngramBlock, EngramState, ShortConv
-from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
+Exports are loaded lazily (PEP 562): `import engram_client.memstore_client` must work in the
+server image, which has no torch, so this file imports nothing heavy up front.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from engram_client.config import EngramConfig
-from engram_client.hashing import NgramHasher
-from engram_client.optim import RowwiseAdam
-from engram_client.tables import LocalTables, TableSource
 
-# ---- remote table sources ----------------------------------------------------------------------
-# Reserved for the lead: MemStoreClient / ShardedClient (and remote TableSources) are exported here.
+# public name -> module that defines it
+_EXPORTS = {
+    "EngramBlock": "engram_client.block",
+    "EngramState": "engram_client.block",
+    "ShortConv": "engram_client.block",
+    "CompressedTokenizer": "engram_client.compression",
+    "build_token_map": "engram_client.compression",
+    "tokenizer_fingerprint": "engram_client.compression",
+    "NgramHasher": "engram_client.hashing",
+    "RowwiseAdam": "engram_client.optim",
+    "LocalTables": "engram_client.tables",
+    "TableSource": "engram_client.tables",
+    # ---- remote table sources / clients: reserved for the lead ---------------------------------
+    # "MemStoreClient": "engram_client.memstore_client",
+    # "ShardedClient": "engram_client.sharded",
+}
 
-__all__ = [
-    "CompressedTokenizer",
-    "EngramBlock",
-    "EngramConfig",
-    "EngramState",
-    "LocalTables",
-    "NgramHasher",
-    "RowwiseAdam",
-    "ShortConv",
-    "TableSource",
-    "build_token_map",
-    "tokenizer_fingerprint",
-]
+__all__ = ["EngramConfig", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from engram_client.block import EngramBlock, EngramState, ShortConv
+    from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
+    from engram_client.hashing import NgramHasher
+    from engram_client.optim import RowwiseAdam
+    from engram_client.tables import LocalTables, TableSource
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engram_client' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
