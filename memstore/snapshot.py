@@ -25,8 +25,9 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Self
 
 import msgpack
 import numpy as np
@@ -72,11 +73,11 @@ class Snapshot:
                                       f"(stored {self.checksums.get(name)}, computed {actual})")
 
 
-def _new_hash() -> "hashlib._Hash":
+def _new_hash() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=32)
 
 
-def _hash_update(h: "hashlib._Hash", array: np.ndarray) -> None:
+def _hash_update(h: hashlib.blake2b, array: np.ndarray) -> None:
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     for start in range(0, flat.size, _HASH_CHUNK):  # chunked: memmaps are paged in gradually
         h.update(flat[start:start + _HASH_CHUNK])
@@ -102,7 +103,7 @@ class _NpyStream:
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
         self.dtype, self.shape, self.written = np.dtype(dtype), shape, 0
         self.hash = _new_hash()
-        self.file = open(path, "wb")
+        self.file = open(path, "wb")  # noqa: SIM115 -- stays open across append() calls; close() ends it
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
                   "shape": shape}
         np.lib.format.write_array_header_1_0(self.file, header)
@@ -164,7 +165,7 @@ class SnapshotWriter:
 
     def commit(self) -> Path:
         checksums = {name: stream.close(self.sync) for name, stream in self.streams.items()}
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         meta = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
                 "dedup": self.dedup, "rows": self.num_rows, "id_space": "global",
                 "created": now.isoformat(), "created_unix": now.timestamp(), "checksums": checksums}
@@ -185,7 +186,7 @@ class SnapshotWriter:
             stream.file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def __enter__(self) -> "SnapshotWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -248,7 +249,7 @@ def _check_shapes(snap: Snapshot, num_rows: int) -> None:
 
 def new_snapshot_path(table_dir: Path) -> Path:
     """`<table_dir>/<UTC timestamp>`: names sort in creation order."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     path = Path(table_dir) / stamp
     suffix = 0
     while path.exists():  # two snapshots within one microsecond

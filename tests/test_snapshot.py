@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from memstore import dtypes
-from memstore.snapshot import (CorruptSnapshot, SnapshotWriter, latest_snapshot, list_snapshots,
-                               new_snapshot_path, prune_snapshots, read_snapshot, write_snapshot)
+from memstore.snapshot import (
+    CorruptSnapshot,
+    SnapshotWriter,
+    latest_snapshot,
+    list_snapshots,
+    new_snapshot_path,
+    prune_snapshots,
+    read_snapshot,
+    write_snapshot,
+)
 from memstore.spec import OptimizerSpec, TableSpec
 
 SPEC = TableSpec("emb", num_rows=1000, dim=4, dtype="bfloat16",

@@ -1,0 +1,425 @@
+"""The LMDB backend: each table is one LMDB environment, durable on every acknowledged update.
+
+Layout: `<data_dir>/tables/<name>/{data.mdb,lock.mdb}` with named sub-databases
+
+    rows       8-byte big-endian local row id → row bytes (storage dtype)
+    state      same keys                      → optimizer state bytes (float32, absent for sgd)
+    dedup      client_id (utf-8)              → (last seq, age) as two big-endian uint64
+    dedup_age  age (8-byte big-endian)        → client_id: oldest first, for bounded eviction
+    meta       b"spec"                        → TableSpec as msgpack
+
+Big-endian keys make LMDB's byte order the numeric order, so a batch of sorted ids walks the
+B-tree left to right. A row that was never written has no key and reads as its deterministic
+initial value, so untouched rows cost no disk.
+
+Consistency: a lookup reads in ONE read transaction (MVCC), so it sees each update entirely or
+not at all, and never waits for a writer. An update reads the rows, applies the optimizer and
+writes rows + state + the dedup record in ONE write transaction: a crash leaves it fully applied
+or not at all. With `sync=True` (default) every commit is fsynced: an acknowledged update
+survives kill -9 and power loss. With `sync=False` it still survives kill -9 (the OS page cache
+holds the written pages) but not a power loss or kernel crash.
+
+The map (LMDB's maximum file size) grows by doubling before a write that may not fit, and again
+if a write hits MapFullError (the failed transaction is aborted, nothing half-written). Resizing
+needs no transaction open in this process, so transactions hold a shared gate and a resize takes
+it exclusively. At `max_map_size`, or when the disk is full, the update fails with
+ResourceExhausted and the table is unchanged. An Environment must never cross a fork: a table
+refuses to be used from a process other than the one that opened it.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import shutil
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice, repeat
+from pathlib import Path
+
+import lmdb
+import msgpack
+import numpy as np
+
+from memstore import dtypes, optimizers
+from memstore.backends.base import Backend, Table, TableUsage
+from memstore.backends.common import MAX_CLIENTS, SNAPSHOTS_DIR, DataDirLock, is_duplicate
+from memstore.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from memstore.init import init_rows
+from memstore.snapshot import SnapshotWriter, new_snapshot_path, prune_snapshots
+from memstore.spec import TableSpec
+
+log = logging.getLogger("memstore.backends.lmdb")
+
+TABLES_DIR = "tables"
+SNAPSHOT_CHUNK_ROWS = 1 << 16
+_SPEC_KEY = b"spec"
+_DEDUP_VALUE = struct.Struct(">QQ")  # last seq, age
+_AGE_KEY = struct.Struct(">Q")
+_PER_ROW_OVERHEAD = 64  # bytes: key, node header, B-tree slack (used only to pre-grow the map)
+
+
+def row_keys(ids: np.ndarray) -> list[bytes]:
+    """int64 ids → 8-byte big-endian keys, without a per-row Python loop."""
+    return np.ascontiguousarray(ids, dtype=">i8").view("V8").tolist()
+
+
+def row_values(rows: np.ndarray) -> list[bytes]:
+    """[n, w] array → n bytes objects, one per row."""
+    rows = np.ascontiguousarray(rows)
+    return rows.view(f"V{rows.shape[1] * rows.itemsize}").ravel().tolist()
+
+
+def decode_values(values: list[bytes | None], dtype: np.dtype, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values from a get loop → (array [n, width] with garbage where missing, missing mask [n])."""
+    n = len(values)
+    missing = np.fromiter(map(operator.not_, values), dtype=bool, count=n)  # None → True
+    present = bytearray().join(filter(None, values))  # bytearray: the array stays writable
+    found = np.frombuffer(present, dtype).reshape(-1, width)
+    if not missing.any():
+        return found, missing
+    out = np.empty((n, width), dtype)
+    out[~missing] = found
+    return out, missing
+
+
+class _Gate:
+    """Many holders in shared mode (transactions) or one in exclusive mode (set_mapsize, close).
+    A waiting exclusive holder blocks new shared ones, so a resize cannot be starved."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class LmdbTable(Table):
+    def __init__(self, spec: TableSpec, path: Path, env: lmdb.Environment, max_map_size: int | None):
+        self.spec, self.path, self._env, self._max_map_size = spec, path, env, max_map_size
+        self._rows_db = env.open_db(b"rows")
+        self._state_db = env.open_db(b"state")
+        self._dedup_db = env.open_db(b"dedup")
+        self._age_db = env.open_db(b"dedup_age")
+        self._storage = dtypes.storage_dtype(spec.dtype)
+        self._width = optimizers.state_width(spec.optimizer, spec.dim)
+        self._gate = _Gate()
+        self._write_lock = threading.Lock()  # one writer at a time; also guards resizing
+        self._pid = os.getpid()
+        self._closed = False
+
+    # ---- data path ------------------------------------------------------------------------
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        unique, inverse = np.unique(ids, return_inverse=True)  # sorted keys walk the B-tree in order
+        keys = row_keys(unique)
+        with self._read_txn() as txn:
+            values = list(map(txn.get, keys))  # the one per-row loop, in C via map
+        rows, missing = decode_values(values, self._storage, self.spec.dim)  # (u, dim)
+        if missing.any():
+            rows[missing] = dtypes.from_float32(self._initial_rows(unique[missing]), self.spec.dtype)
+        return np.take(rows, inverse, axis=0)  # (n, dim) in request order
+
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+        keys = row_keys(ids)
+        with self._write_lock:
+            self._check_usable()
+            self._reserve(len(ids))
+            while True:
+                try:
+                    with self._gate.shared():
+                        return self._update_txn(ids, keys, grads, client_id, seq)
+                except lmdb.MapFullError:
+                    self._grow(self._map_size() * 2)  # the txn was aborted; retry in a bigger map
+                except lmdb.DiskError as exc:
+                    raise ResourceExhausted(
+                        f"table {self.spec.name!r}: disk full under {self.path} ({exc}); "
+                        "the update was not applied") from None
+
+    def _update_txn(self, ids: np.ndarray, keys: list[bytes], grads: np.ndarray,
+                    client_id: str, seq: int) -> bool:
+        txn = self._env.begin(write=True)
+        try:
+            if client_id and is_duplicate(self._last_seq(txn, client_id), seq):
+                txn.abort()
+                return False
+            rows, state = self._read_for_update(txn, ids, keys)  # float32 (n, dim), (n, width)
+            optimizers.step(self.spec.optimizer, rows, state, grads)
+            stored = dtypes.from_float32(rows, self.spec.dtype)
+            txn.cursor(db=self._rows_db).putmulti(zip(keys, row_values(stored)))
+            if self._width:
+                txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)))
+            if client_id:
+                self._record_seq(txn, client_id, seq)
+            txn.commit()
+            return True
+        except BaseException:
+            txn.abort()
+            raise
+
+    def _read_for_update(self, txn: lmdb.Transaction, ids: np.ndarray,
+                         keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        values = list(map(txn.get, keys, repeat(None), repeat(self._rows_db)))
+        stored, missing = decode_values(values, self._storage, self.spec.dim)
+        rows = dtypes.to_float32(stored, self.spec.dtype)  # (n, dim)
+        if missing.any():
+            rows[missing] = self._initial_rows(ids[missing])
+        opt, n = self.spec.optimizer, len(ids)
+        if not self._width:
+            return rows, np.zeros((n, 0), np.float32)
+        values = list(map(txn.get, keys, repeat(None), repeat(self._state_db)))
+        state, missing = decode_values(values, np.dtype(np.float32), self._width)
+        if missing.any():
+            state[missing] = optimizers.initial_state(opt, int(missing.sum()), self.spec.dim)
+        return rows, state
+
+    def _initial_rows(self, local_ids: np.ndarray) -> np.ndarray:
+        return init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+
+    # ---- dedup memory (inside the update's write txn) --------------------------------------
+
+    def _last_seq(self, txn: lmdb.Transaction, client_id: str) -> int | None:
+        value = txn.get(client_id.encode(), db=self._dedup_db)
+        return None if value is None else _DEDUP_VALUE.unpack(value)[0]
+
+    def _record_seq(self, txn: lmdb.Transaction, client_id: str, seq: int) -> None:
+        key = client_id.encode()
+        old = txn.get(key, db=self._dedup_db)
+        if old is not None:
+            txn.delete(_AGE_KEY.pack(_DEDUP_VALUE.unpack(old)[1]), db=self._age_db)
+        ages = txn.cursor(db=self._age_db)
+        age = _AGE_KEY.unpack(ages.key())[0] + 1 if ages.last() else 0
+        txn.put(key, _DEDUP_VALUE.pack(seq, age), db=self._dedup_db)
+        txn.put(_AGE_KEY.pack(age), key, db=self._age_db)
+        if txn.stat(self._dedup_db)["entries"] > MAX_CLIENTS:  # forget the least recently seen
+            ages.first()
+            txn.delete(ages.value(), db=self._dedup_db)
+            ages.delete()
+
+    def _dedup_memory(self, txn: lmdb.Transaction) -> dict[str, int]:
+        """client_id → last seq, oldest first."""
+        memory = {}
+        for _, key in txn.cursor(db=self._age_db):
+            memory[key.decode()] = _DEDUP_VALUE.unpack(txn.get(key, db=self._dedup_db))[0]
+        return memory
+
+    # ---- map size -------------------------------------------------------------------------
+
+    def _map_size(self) -> int:
+        return self._env.info()["map_size"]
+
+    def _used_bytes(self) -> int:
+        return (self._env.info()["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the map before a write that might not fit (the free-page list is ignored, so
+        this errs on the large side; MapFullError remains the backstop)."""
+        need = 2 * rows * (self.spec.row_bytes + 4 * self._width + _PER_ROW_OVERHEAD) + (1 << 20)
+        if self._map_size() - self._used_bytes() < need:
+            limit = self._max_map_size
+            if limit is None or self._map_size() < limit:
+                self._grow(self._used_bytes() + need)
+
+    def _grow(self, target: int) -> None:
+        """Caller holds the write lock; waits for open transactions, then remaps."""
+        current, limit = self._map_size(), self._max_map_size
+        if limit is not None and current >= limit:
+            raise ResourceExhausted(
+                f"table {self.spec.name!r}: LMDB map full at max_map_size={limit:,} bytes; the update "
+                "was not applied (raise the LMDB max map size or use more shards)")
+        new_size = max(target, 2 * current)
+        if limit is not None:
+            new_size = min(new_size, limit)
+        new_size = -(-new_size // (1 << 20)) * (1 << 20)  # whole MiB, a multiple of any page size
+        with self._gate.exclusive():
+            self._env.set_mapsize(new_size)
+        log.info("table %r: LMDB map grown %d → %d MiB", self.spec.name, current >> 20, new_size >> 20)
+
+    # ---- persistence ----------------------------------------------------------------------
+
+    def usage(self) -> TableUsage:
+        with self._read_txn() as txn:
+            rows = txn.stat(self._rows_db)["entries"]
+            used = self._used_bytes()
+        return TableUsage(rows_materialized=rows, bytes_used=used)
+
+    def snapshot(self, dest: Path) -> Path:
+        """Export from one read transaction: a consistent view, and writers go on meanwhile."""
+        with self._read_txn() as txn:
+            count = txn.stat(self._rows_db)["entries"]
+            with SnapshotWriter(dest, self.spec, count, self._dedup_memory(txn)) as writer:
+                for local_ids, rows, state in self._iter_chunks(txn):
+                    writer.append(self.spec.to_global(local_ids), rows, state)
+        return dest
+
+    def _iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        rows_it = txn.cursor(db=self._rows_db).iternext()
+        state_it = txn.cursor(db=self._state_db).iternext() if self._width else None
+        while chunk := list(islice(rows_it, SNAPSHOT_CHUNK_ROWS)):
+            keys, values = zip(*chunk)
+            key_bytes = b"".join(keys)
+            rows = np.frombuffer(b"".join(values), self._storage).reshape(-1, self.spec.dim)
+            state = np.zeros((len(keys), 0), np.float32)
+            if state_it is not None:
+                state_keys, state_values = zip(*islice(state_it, len(keys)))
+                if b"".join(state_keys) != key_bytes:
+                    raise FailedPrecondition(f"table {self.spec.name!r}: rows and optimizer state "
+                                             "hold different row ids; the table is damaged")
+                state = np.frombuffer(b"".join(state_values), np.float32).reshape(-1, self._width)
+            yield np.frombuffer(key_bytes, ">i8").astype(np.int64), rows, state
+
+    def sync(self) -> None:
+        with self._gate.shared():
+            self._check_usable()
+            self._env.sync(True)
+
+    def close(self) -> None:
+        with self._write_lock, self._gate.exclusive():
+            if not self._closed:
+                self._closed = True
+                if os.getpid() == self._pid:
+                    self._env.close()
+
+    @contextmanager
+    def _read_txn(self) -> Iterator[lmdb.Transaction]:
+        with self._gate.shared():
+            self._check_usable()
+            with self._env.begin(db=self._rows_db) as txn:
+                yield txn
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise NotFound(f"table {self.spec.name!r} was dropped or its backend closed")
+        if os.getpid() != self._pid:
+            raise FailedPrecondition(
+                f"table {self.spec.name!r}: LMDB environment opened in process {self._pid}, used in "
+                f"{os.getpid()} after a fork; open the backend in the process that uses it")
+
+
+class LmdbBackend(Backend):
+    name = "lmdb"
+
+    def __init__(self, data_dir: Path, keep_snapshots: int = 2, sync: bool = True,
+                 map_size: int = 1 << 30, max_map_size: int | None = None) -> None:
+        """`map_size`: initial map per table (virtual; the file grows with the data);
+        `max_map_size`: the most a table's map may grow to (None: until the disk is full)."""
+        if keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
+        if max_map_size is not None and max_map_size < map_size:
+            raise ValueError(f"max_map_size {max_map_size} is below map_size {map_size}")
+        self.data_dir = Path(data_dir)
+        self._dir_lock = DataDirLock(self.data_dir)
+        self.keep_snapshots, self.sync, self.map_size, self.max_map_size = (
+            keep_snapshots, sync, map_size, max_map_size)
+        self._tables: dict[str, LmdbTable] = {}
+        self._admin = threading.Lock()
+        self._snapshot_locks: dict[str, threading.Lock] = {}
+        (self.data_dir / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+        for path in sorted((self.data_dir / TABLES_DIR).iterdir()):
+            self._reopen(path)
+
+    def _open_env(self, path: Path) -> lmdb.Environment:
+        return lmdb.open(str(path), map_size=self.map_size, max_dbs=8, subdir=True,
+                         sync=self.sync, metasync=self.sync, readahead=False)  # random reads
+
+    def _reopen(self, path: Path) -> None:
+        try:
+            env = self._open_env(path)
+            with env.begin(db=env.open_db(b"meta")) as txn:
+                raw = txn.get(_SPEC_KEY)
+        except lmdb.Error as exc:  # refuse to start rather than silently serve without a table
+            raise FailedPrecondition(f"cannot open LMDB table at {path}: {exc}") from exc
+        if raw is None:  # a create that crashed before its spec was committed
+            env.close()
+            log.warning("removing %s: table creation never completed", path)
+            shutil.rmtree(path)
+            return
+        spec = TableSpec.from_dict(msgpack.unpackb(raw))
+        self._tables[spec.name] = LmdbTable(spec, path, env, self.max_map_size)
+        log.info("opened LMDB table %r at %s", spec.name, path)
+
+    def create_table(self, spec: TableSpec) -> Table:
+        with self._admin:
+            if spec.name in self._tables:
+                raise AlreadyExists(f"table {spec.name!r} already exists")
+            path = self.data_dir / TABLES_DIR / spec.name
+            shutil.rmtree(path, ignore_errors=True)  # leftovers of a crashed create
+            env = self._open_env(path)
+            try:
+                with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+                    txn.put(_SPEC_KEY, msgpack.packb(spec.to_dict()))  # commit = the table exists
+                table = LmdbTable(spec, path, env, self.max_map_size)
+            except BaseException:
+                env.close()
+                shutil.rmtree(path, ignore_errors=True)
+                raise
+            self._tables[spec.name] = table
+            return table
+
+    def drop_table(self, name: str) -> None:
+        with self._admin:
+            table = self.get(name)
+            del self._tables[name]
+            table.close()  # waits for the writer and open transactions
+            shutil.rmtree(table.path, ignore_errors=True)
+            shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
+
+    def get(self, name: str) -> LmdbTable:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise NotFound(f"table {name!r} does not exist") from None
+
+    def tables(self) -> list[Table]:
+        return list(self._tables.values())
+
+    def snapshot(self, name: str) -> Path:
+        table = self.get(name)
+        with self._snapshot_locks.setdefault(name, threading.Lock()):
+            table_dir = self.data_dir / SNAPSHOTS_DIR / name
+            path = table.snapshot(new_snapshot_path(table_dir))
+            prune_snapshots(table_dir, self.keep_snapshots)
+            return path
+
+    def checkpoint(self) -> None:
+        """Every commit is already durable with sync=True; with sync=False, flush now."""
+        for table in self.tables():
+            table.sync()
+
+    def close(self) -> None:
+        with self._admin:
+            for table in self._tables.values():
+                table.close()
+            self._tables.clear()
+            self._dir_lock.release()

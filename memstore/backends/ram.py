@@ -1,0 +1,296 @@
+"""The RAM backend: one dense numpy array per table, rows created lazily, snapshots for restarts.
+
+Per table (L = spec.local_rows rows of this shard):
+
+    rows          storage dtype [L, dim]   np.zeros: calloc'd, pages cost memory only once touched
+    state         float32 [L, width]       optimizer state beside the rows
+    materialized  bool [L]                 True once a row has been written by an update
+
+Creating a table of 10^9 rows is instant. A row that was never updated reads as its
+deterministic initial value, computed on the fly; an update materializes it (initial value and
+initial state first, then the optimizer step).
+
+Concurrency: updates and snapshots of one table are serialised by the table's lock; lookups
+take no lock and never write. Each row is published by writing its values before its
+`materialized` flag, and a lookup reads the flags before the rows, so a lookup sees either a
+row's initial value or a written one, never the zeros beneath. A lookup that races an update of
+the same rows may see some rows (even some elements) before the update and some after, like
+Hogwild-style embedding servers; rows the update does not touch are never affected.
+
+Durability: RAM is volatile. `checkpoint()` (called by the server on SIGTERM and periodically)
+and `snapshot(name)` write the portable format under `<data_dir>/snapshots/<name>/`; a restart
+restores each table from its newest valid snapshot. Updates since the last checkpoint are lost
+on a crash. `memmap=True` backs the arrays by sparse files under `<data_dir>/memmap/` so a table
+may exceed RAM (the OS pages it out); those files are scratch, rebuilt from snapshots at start.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memstore import dtypes, optimizers
+from memstore.backends.base import Backend, Table, TableUsage
+from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory
+from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
+from memstore.init import init_rows
+from memstore.snapshot import (
+    CorruptSnapshot,
+    Snapshot,
+    SnapshotWriter,
+    list_snapshots,
+    new_snapshot_path,
+    prune_snapshots,
+    read_snapshot,
+)
+from memstore.spec import TableSpec
+
+log = logging.getLogger("memstore.backends.ram")
+
+CHUNK_ROWS = 1 << 16  # rows per step when streaming a snapshot out or in
+MEMMAP_DIR = "memmap"
+
+
+@dataclass
+class _Arrays:
+    rows: np.ndarray          # storage dtype [L, dim]
+    state: np.ndarray         # float32 [L, width]
+    materialized: np.ndarray  # bool [L]
+
+
+def dense_bytes(spec: TableSpec) -> int:
+    """Bytes the dense arrays of a table reserve: rows + state + the materialized flag."""
+    width = optimizers.state_width(spec.optimizer, spec.dim)
+    return spec.local_rows * (spec.row_bytes + 4 * width + 1)
+
+
+def _allocate(spec: TableSpec, memmap_dir: Path | None) -> _Arrays:
+    """Zeroed arrays that touch no pages: calloc, or sparse files when memory-mapped."""
+    width = optimizers.state_width(spec.optimizer, spec.dim)
+    shapes = {"rows": ((spec.local_rows, spec.dim), dtypes.storage_dtype(spec.dtype)),
+              "state": ((spec.local_rows, width), np.dtype(np.float32)),
+              "materialized": ((spec.local_rows,), np.dtype(np.bool_))}
+    if memmap_dir is not None:
+        memmap_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    try:
+        for name, (shape, dtype) in shapes.items():
+            if memmap_dir is None or 0 in shape:  # an empty file cannot be mapped
+                arrays[name] = np.zeros(shape, dtype)
+            else:
+                arrays[name] = np.memmap(memmap_dir / f"{name}.bin", dtype, "w+", shape=shape)
+    except (MemoryError, OSError) as exc:
+        raise ResourceExhausted(
+            f"cannot allocate table {spec.name!r} ({dense_bytes(spec) / 2**30:.1f} GiB dense): {exc}; "
+            "use fewer rows, more shards, memmap mode or the lmdb backend") from None
+    return _Arrays(**arrays)
+
+
+class RamTable(Table):
+    def __init__(self, spec: TableSpec, arrays: _Arrays, dedup: DedupMemory,
+                 memmap_dir: Path | None = None):
+        self.spec = spec
+        self._a: _Arrays | None = arrays
+        self._dedup = dedup
+        self._memmap_dir = memmap_dir
+        self._storage = dtypes.storage_dtype(spec.dtype)
+        self._width = optimizers.state_width(spec.optimizer, spec.dim)
+        self._count = int(np.count_nonzero(arrays.materialized))
+        self._lock = threading.Lock()  # serialises writers: updates, snapshots, drop
+        self._version = 0              # applied updates; checkpoint skips unchanged tables
+        self._saved_version = -1       # _version at the last snapshot
+        self._dropped = False
+
+    # ---- data path ------------------------------------------------------------------------
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        a = self._a
+        self._check_alive()  # after reading _a: release() flags the table before dropping _a
+        fresh = ~np.take(a.materialized, ids, mode="clip")  # read flags BEFORE rows (see module doc)
+        out = np.empty((len(ids), self.spec.dim), self._storage)  # (n, dim)
+        np.take(a.rows, ids, axis=0, out=out, mode="clip")  # mode=clip: no bounds buffer, fastest
+        if fresh.any():
+            out[fresh] = dtypes.from_float32(self._initial_rows(ids[fresh]), self.spec.dtype)
+        return out
+
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+        with self._lock:
+            self._check_alive()
+            if self._dedup.is_duplicate(client_id, seq):
+                return False
+            a, opt = self._a, self.spec.optimizer
+            fresh = ~a.materialized[ids]                                          # (n,)
+            rows = dtypes.to_float32(np.take(a.rows, ids, axis=0), self.spec.dtype)  # (n, dim)
+            state = np.take(a.state, ids, axis=0)                                 # (n, width)
+            new_ids = ids[fresh]
+            if len(new_ids):
+                rows[fresh] = self._initial_rows(new_ids)
+                state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
+            optimizers.step(opt, rows, state, grads)
+            # Rows and state first, flags last: a concurrent lookup trusts a set flag.
+            a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
+            a.state[ids] = state
+            if len(new_ids):
+                a.materialized[new_ids] = True
+                self._count += len(new_ids)
+            self._dedup.record(client_id, seq)
+            self._version += 1
+            return True
+
+    def _initial_rows(self, local_ids: np.ndarray) -> np.ndarray:
+        return init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+
+    # ---- persistence ----------------------------------------------------------------------
+
+    def usage(self) -> TableUsage:
+        return TableUsage(rows_materialized=self._count,
+                          bytes_used=self._count * (self.spec.row_bytes + 4 * self._width))
+
+    def snapshot(self, dest: Path) -> Path:
+        with self._lock:
+            self._check_alive()
+            return self._write_snapshot(dest)
+
+    def _write_snapshot(self, dest: Path) -> Path:
+        """Stream materialized rows out under the writer lock: consistent, and no second copy of
+        the table in memory. Updates wait; lookups go on."""
+        a = self._a
+        local_ids = np.flatnonzero(a.materialized)  # (m,) ascending
+        with SnapshotWriter(dest, self.spec, len(local_ids), self._dedup.to_dict()) as writer:
+            for start in range(0, len(local_ids), CHUNK_ROWS):
+                chunk = local_ids[start:start + CHUNK_ROWS]
+                writer.append(self.spec.to_global(chunk), np.take(a.rows, chunk, axis=0),
+                              np.take(a.state, chunk, axis=0))
+        self._saved_version = self._version
+        return dest
+
+    def restore(self, snap: Snapshot) -> None:
+        """Load a snapshot's rows into the (fresh, empty) arrays, chunk by chunk."""
+        a = self._a
+        local_ids = snap.local_ids()
+        for start in range(0, len(local_ids), CHUNK_ROWS):
+            chunk = local_ids[start:start + CHUNK_ROWS]
+            a.rows[chunk] = snap.rows[start:start + CHUNK_ROWS]
+            a.state[chunk] = snap.state[start:start + CHUNK_ROWS]
+            a.materialized[chunk] = True
+        self._count = len(local_ids)
+        self._dedup = DedupMemory(snap.dedup, self._dedup.max_clients)
+        self._saved_version = self._version
+
+    @property
+    def dirty(self) -> bool:
+        return self._version != self._saved_version
+
+    def release(self) -> None:
+        """Drop the arrays (and memmap files); the table is unusable afterwards."""
+        self._dropped = True
+        self._a = None  # a lookup already holding the arrays finishes with them
+        if self._memmap_dir is not None:
+            shutil.rmtree(self._memmap_dir, ignore_errors=True)
+
+    def _check_alive(self) -> None:
+        if self._dropped:
+            raise NotFound(f"table {self.spec.name!r} was dropped")
+
+
+class RamBackend(Backend):
+    name = "ram"
+
+    def __init__(self, data_dir: Path, keep_snapshots: int = 2, memmap: bool = False,
+                 max_bytes: int | None = None) -> None:
+        """`max_bytes` caps the dense arrays of all tables together (None: no cap)."""
+        if keep_snapshots < 1:
+            raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
+        self.data_dir = Path(data_dir)
+        self._dir_lock = DataDirLock(self.data_dir)
+        self.keep_snapshots, self.memmap, self.max_bytes = keep_snapshots, memmap, max_bytes
+        self._tables: dict[str, RamTable] = {}
+        self._admin = threading.Lock()  # create / drop / close
+        shutil.rmtree(self.data_dir / MEMMAP_DIR, ignore_errors=True)  # scratch from a previous run
+        for table_dir in sorted((self.data_dir / SNAPSHOTS_DIR).glob("*")):
+            self._restore(table_dir)
+
+    def _snapshots_dir(self, name: str) -> Path:
+        return self.data_dir / SNAPSHOTS_DIR / name
+
+    def _memmap_dir(self, name: str) -> Path | None:
+        return self.data_dir / MEMMAP_DIR / name if self.memmap else None
+
+    def _restore(self, table_dir: Path) -> None:
+        """The newest snapshot that verifies; older ones are the fallback for a damaged one."""
+        for path in reversed(list_snapshots(table_dir)):
+            try:
+                snap = read_snapshot(path)
+            except CorruptSnapshot as exc:
+                log.error("skipping damaged snapshot: %s", exc)
+                continue
+            table = self._new_table(snap.spec)
+            table.restore(snap)
+            self._tables[snap.spec.name] = table
+            log.info("restored table %r: %d rows from %s", snap.spec.name, len(snap.ids), path)
+            return
+        if table_dir.is_dir() and any(table_dir.iterdir()):
+            log.error("no valid snapshot in %s: table %r not restored", table_dir, table_dir.name)
+
+    def _new_table(self, spec: TableSpec) -> RamTable:
+        if self.max_bytes is not None:
+            used = sum(dense_bytes(t.spec) for t in self._tables.values())
+            if used + dense_bytes(spec) > self.max_bytes:
+                raise ResourceExhausted(
+                    f"table {spec.name!r} needs {dense_bytes(spec):,} bytes of dense arrays; "
+                    f"{used:,} of max_bytes={self.max_bytes:,} are in use")
+        memmap_dir = self._memmap_dir(spec.name)
+        return RamTable(spec, _allocate(spec, memmap_dir), DedupMemory(), memmap_dir)
+
+    def create_table(self, spec: TableSpec) -> Table:
+        with self._admin:
+            if spec.name in self._tables:
+                raise AlreadyExists(f"table {spec.name!r} already exists")
+            table = self._new_table(spec)
+            # An empty snapshot right away: the table's existence survives a restart.
+            table.snapshot(new_snapshot_path(self._snapshots_dir(spec.name)))
+            self._tables[spec.name] = table
+            return table
+
+    def drop_table(self, name: str) -> None:
+        with self._admin:
+            table = self.get(name)
+            with table._lock:  # wait for an update or snapshot in flight
+                del self._tables[name]
+                table.release()
+            shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
+
+    def get(self, name: str) -> RamTable:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise NotFound(f"table {name!r} does not exist") from None
+
+    def tables(self) -> list[Table]:
+        return list(self._tables.values())
+
+    def snapshot(self, name: str) -> Path:
+        table = self.get(name)
+        with table._lock:
+            table._check_alive()
+            table_dir = self._snapshots_dir(name)
+            path = table._write_snapshot(new_snapshot_path(table_dir))
+            prune_snapshots(table_dir, self.keep_snapshots)
+            return path
+
+    def checkpoint(self) -> None:
+        for table in self.tables():
+            if table.dirty:
+                self.snapshot(table.spec.name)
+
+    def close(self) -> None:
+        with self._admin:
+            for table in self._tables.values():
+                with table._lock:
+                    table.release()
+            self._tables.clear()
+            self._dir_lock.release()
