@@ -1,9 +1,12 @@
 """Prefetch Engram rows for upcoming batches while the current step computes.
 
 Engram's row ids depend only on the input tokens, so they are known before the forward pass.
-`Prefetcher` wraps any iterable of batches (a DataLoader): a background thread takes the next
-batches, hashes them for every remote Engram layer of the model and sends their lookups; the
-training loop gets the same batches back, in order, with the rows already on their way.
+`Prefetcher` wraps any iterable of batches (a DataLoader): a background thread hashes the next
+`depth` batches for every remote Engram layer of the model, and the lookup of batch k+1 is sent
+while step k computes; the training loop gets the same batches back, in order, with the rows
+already on their way. Lookups run one step ahead, not more: that is as far as the consistency
+modes allow (sync: batch k+1 must see step k's update, so its overlapping rows are refetched;
+async: batch k+1 may miss only step k's update).
 
     for batch in (loader := Prefetcher(loader, model, depth=2)):
         loss = model(batch["input_ids"]) ...
@@ -62,23 +65,24 @@ class Prefetcher:
         stop = threading.Event()
         worker = threading.Thread(target=self._produce, args=(ready, stop), name="engram-prefetch", daemon=True)
         worker.start()
-        step_wait: float | None = None  # of the step in progress: waiting for its batch so far
         try:
-            while True:
-                started = time.perf_counter()
-                item = ready.get()
-                if step_wait is not None:  # the previous step is over: add what its forward waited
-                    self.stats.wait_ms.append(1e3 * (step_wait + self._rows_wait()))
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                batch, pending = item
+            started = time.perf_counter()
+            current = self._next(ready)
+            if current is not None:
+                self._send(current, ahead=False)
+            while current is not None:
+                upcoming = self._next(ready)   # hashed by the worker while earlier steps ran
+                if upcoming is not None:
+                    self._send(upcoming, ahead=True)  # its lookup overlaps the step about to run
+                batch, pending = current
                 for (_, source), lookup in zip(self.layers, pending):
                     source.enqueue(lookup)
                     source.stats.last_wait_s = 0.0
-                step_wait = time.perf_counter() - started
+                batch_wait = time.perf_counter() - started
                 yield batch
+                started = time.perf_counter()
+                self.stats.wait_ms.append(1e3 * (batch_wait + self._rows_wait()))
+                current = upcoming
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue
@@ -86,6 +90,18 @@ class Prefetcher:
                     ready.get_nowait()
                 except queue.Empty:
                     worker.join(0.01)
+
+    @staticmethod
+    def _next(ready: queue.Queue):
+        item = ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return None if item is _DONE else item
+
+    def _send(self, item, ahead: bool) -> None:
+        _, pending = item
+        for (_, source), lookup in zip(self.layers, pending):
+            source.send_ahead(lookup) if ahead else source.send(lookup)
 
     def _rows_wait(self) -> float:
         return sum(source.stats.last_wait_s for _, source in self.layers)
@@ -96,7 +112,7 @@ class Prefetcher:
                 if stop.is_set():
                     return
                 tokens = self.input_ids(batch).detach().cpu()                    # (B, T)
-                pending = [source.request(block.row_ids(tokens)) for block, source in self.layers]
+                pending = [source.prepare(block.row_ids(tokens)) for block, source in self.layers]
                 ready.put((batch, pending))
             ready.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the training loop

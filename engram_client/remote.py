@@ -21,9 +21,10 @@ Consistency (`mode`):
 from __future__ import annotations
 
 import threading
+import weakref
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,14 +35,14 @@ from engram_client.tables import TableSource
 MODES = ("sync", "async")
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: tracked in a WeakSet until consumed or dropped
 class PendingLookup:
     """Rows requested ahead of a forward pass (by the prefetcher) or in it."""
     row_ids: torch.Tensor        # (B, T, H) on the CPU: what the forward must match
     unique: np.ndarray           # (U,) sorted unique row ids
     inverse: torch.Tensor        # (B*T*H,) position of each row id in `unique`
-    rows: Future                 # -> np.ndarray (U, D) in the table's storage dtype
-    updates_seen: int            # updates acknowledged before this lookup was sent
+    rows: Future | None          # -> np.ndarray (U, D) in the table's storage dtype; None: not sent
+    updates_seen: int            # updates that were acknowledged before the lookup was sent
 
 
 class _UpdateLog:
@@ -110,7 +111,10 @@ class RemoteTables(TableSource):
             self._attach()
         self._queue: deque[PendingLookup] = deque()
         self._updates = _UpdateLog()
+        self._outstanding: weakref.WeakSet[PendingLookup] = weakref.WeakSet()  # requested, not yet used
+        self._outstanding_lock = threading.Lock()
         self.stats = SourceStats()
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix=f"engram-{name}-ahead")
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)  # follows .to(device)
 
     def _attach(self) -> None:
@@ -131,14 +135,42 @@ class RemoteTables(TableSource):
 
     # ---- lookups ------------------------------------------------------------------------------
 
-    def request(self, row_ids: torch.Tensor) -> PendingLookup:
-        """Start fetching the rows of `row_ids` (B, T, H); thread-safe, used by the prefetcher."""
+    def prepare(self, row_ids: torch.Tensor) -> PendingLookup:
+        """De-duplicate the rows of `row_ids` (B, T, H); nothing is sent yet. Thread-safe."""
         row_ids = row_ids.detach().to("cpu", torch.int64)
         unique, inverse = torch.unique(row_ids.reshape(-1), sorted=True, return_inverse=True)
-        unique_np = unique.numpy()
-        updates_seen = self._updates.acknowledged()
-        rows = self.store.lookup_async(self.name, unique_np)
-        return PendingLookup(row_ids, unique_np, inverse, rows, updates_seen)
+        pending = PendingLookup(row_ids, unique.numpy(), inverse, rows=None, updates_seen=0)
+        with self._outstanding_lock:
+            self._outstanding.add(pending)
+        return pending
+
+    def send(self, pending: PendingLookup) -> PendingLookup:
+        """Send the lookup now; what the rows will reflect is settled when they are used."""
+        pending.updates_seen = self._updates.acknowledged()
+        pending.rows = self.store.lookup_async(self.name, pending.unique)
+        return pending
+
+    def send_ahead(self, pending: PendingLookup) -> PendingLookup:
+        """Send the lookup of the batch after the one about to run (the prefetcher's call).
+
+        async: that batch may miss only the update of the step about to run, so the lookup waits
+        (in the background) for every update sent so far, then goes: no refetch needed.
+        sync: it goes now; rows the next update touches are fetched again when they are used.
+        """
+        if self.mode == "sync":
+            return self.send(pending)
+        must_see = len(self._updates)
+        pending.updates_seen = must_see
+        pending.rows = self._sender.submit(self._lookup_after, must_see, pending.unique)
+        return pending
+
+    def _lookup_after(self, updates: int, unique: np.ndarray) -> np.ndarray:
+        self._updates.wait(updates)
+        return self.store.lookup_async(self.name, unique).result()
+
+    def request(self, row_ids: torch.Tensor) -> PendingLookup:
+        """Prepare and send at once."""
+        return self.send(self.prepare(row_ids))
 
     def enqueue(self, pending: PendingLookup) -> None:
         """Queue a prefetched lookup for the next forward pass (in batch order)."""
@@ -153,7 +185,7 @@ class RemoteTables(TableSource):
         self.stats.last_wait_s = wait
         self.stats.lookups += 1
         self.stats.rows_fetched += len(pending.unique)
-        self._updates.forget_before(min([p.updates_seen for p in self._queue], default=len(self._updates)))
+        self._forget_seen_updates(pending)
 
         weights = _to_tensor(unique_rows, self.table_kwargs["dtype"], self._device_probe.device)  # (U, D)
         if self.training and torch.is_grad_enabled():
@@ -162,6 +194,13 @@ class RemoteTables(TableSource):
             weights.register_hook(lambda grad: self._push(unique_ids, grad))
         inverse = pending.inverse.to(weights.device, non_blocking=True)
         return weights[inverse].view(*row_ids.shape, self.dim)                # (B, T, H, D)
+
+    def _forget_seen_updates(self, consumed: PendingLookup) -> None:
+        """Drop the log entries that no outstanding lookup (queued or still being prefetched) needs."""
+        with self._outstanding_lock:
+            self._outstanding.discard(consumed)
+            oldest_needed = min((p.updates_seen for p in self._outstanding), default=len(self._updates))
+        self._updates.forget_before(oldest_needed)
 
     def _take_pending(self, row_ids: torch.Tensor) -> PendingLookup:
         if self._queue:

@@ -58,6 +58,8 @@ class ServerConfig:
     max_concurrent_requests: int = 64         # beyond this: RESOURCE_EXHAUSTED, not a pile-up
     workers: int = 4                          # threads running backend work (numpy/LMDB release the GIL)
     grace_s: float = 10.0                     # SIGTERM: time in-flight RPCs get to finish
+    # Testing only: sleep this long in every Lookup (a slow or distant server, for prefetch tests)
+    fault_lookup_delay_ms: float = 0.0
     # Logs
     log_level: str = "info"
     log_format: str = "text"           # text | json (one JSON object per line)

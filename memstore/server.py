@@ -106,7 +106,8 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
         options=[("grpc.so_reuseport", 0)],  # never share a port with another process by accident
     )
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
-    pb_grpc.add_MemStoreServicer_to_server(MemStoreServicer(store, executor, config.backend, metrics), server)
+    pb_grpc.add_MemStoreServicer_to_server(MemStoreServicer(
+        store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -52,7 +52,9 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
 
 
 class MemStoreServicer(pb_grpc.MemStoreServicer):
-    def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics):
+    def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics,
+                 lookup_delay_s: float = 0.0):
+        self.lookup_delay_s = lookup_delay_s
         self.store = store
         self.executor = executor
         self.backend_name = backend_name
@@ -96,6 +98,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[pb.LookupChunk]:
         dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
+        if self.lookup_delay_s:
+            await asyncio.sleep(self.lookup_delay_s)
         rows = await self._run(self.store.lookup, request.table, parse_ids(request.ids))  # (n, dim)
         n, dim = rows.shape
         self.metrics.rows.labels("Lookup", request.table).inc(n)
