@@ -28,7 +28,19 @@ _EXPORTS = {
     # "ShardedClient": "engram_client.sharded",
 }
 
-__all__ = ["EngramConfig", *sorted(_EXPORTS)]
+__all__ = [
+    "CompressedTokenizer",
+    "EngramBlock",
+    "EngramConfig",
+    "EngramState",
+    "LocalTables",
+    "NgramHasher",
+    "RowwiseAdam",
+    "ShortConv",
+    "TableSource",
+    "build_token_map",
+    "tokenizer_fingerprint",
+]
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.block import EngramBlock, EngramState, ShortConv

@@ -113,10 +113,11 @@ class CompressedTokenizer:
         self.tokenizer = tokenizer
         self.token_map = build_token_map(tokenizer, cache_dir=cache_dir)
         self.num_compressed = int(self.token_map.max()) + 1 if len(self.token_map) else 0
+        self._device_maps: dict[torch.device, torch.Tensor] = {}  # token_map copies per device
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, cache_dir: str | Path | None | bool = None,
-                        **tokenizer_kwargs: Any) -> "CompressedTokenizer":
+                        **tokenizer_kwargs: Any) -> CompressedTokenizer:
         """From a `tokenizer.json` file (tokenizers) or a name/dir (needs transformers)."""
         if Path(name_or_path).is_file():
             from tokenizers import Tokenizer
@@ -137,11 +138,16 @@ class CompressedTokenizer:
             top = int(ids.max())
             if top >= len(self.token_map):
                 raise ValueError(f"token id {top} is outside the tokenizer's [0, {len(self.token_map)})")
-        table = torch.as_tensor(self.token_map, device=ids.device) if is_tensor else self.token_map
+        table = self._device_map(ids.device) if is_tensor else self.token_map
         valid = ids >= 0
         safe = ids.clamp(min=0) if is_tensor else np.maximum(ids, 0)
         mapped = table[safe]
         return torch.where(valid, mapped, ids) if is_tensor else np.where(valid, mapped, ids)
+
+    def _device_map(self, device: torch.device) -> torch.Tensor:
+        if device not in self._device_maps:
+            self._device_maps[device] = torch.as_tensor(self.token_map, device=device)
+        return self._device_maps[device]
 
 
 # ---- tokenizer adapters: `tokenizers.Tokenizer` or a transformers tokenizer ---------------------

@@ -16,14 +16,12 @@ to lie in [0, vocab_size), which is why out-of-range ids raise instead of wrappi
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 
 from engram_client.config import EngramConfig
 
-Array = Union[np.ndarray, torch.Tensor]
+Array = np.ndarray | torch.Tensor
 
 _LAYER_SEED_STRIDE = 10007  # the reference's PRIME_1: per-layer seed = seed + 10007 * layer_id
 # Miller-Rabin with these bases is deterministic for every n < 3.3e24 (covers all int64 sizes).
@@ -179,7 +177,7 @@ class NgramHasher:
 
     def _checked(self, ids: Array, what: str) -> Array:
         """Raise ValueError naming the first out-of-range value (one device sync for tensors)."""
-        if ids.size == 0 if isinstance(ids, np.ndarray) else ids.numel() == 0:
+        if (ids.size if isinstance(ids, np.ndarray) else ids.numel()) == 0:
             return ids
         if isinstance(ids, torch.Tensor):
             lo, hi = torch.stack(torch.aminmax(ids)).tolist()

@@ -13,7 +13,7 @@ follow the same trajectory. No weight decay (it would have to touch every row ev
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -30,7 +30,7 @@ class RowwiseAdam(torch.optim.Optimizer):
                  eps: float = 1e-8) -> None:
         if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid RowwiseAdam settings lr={lr}, betas={betas}, eps={eps}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

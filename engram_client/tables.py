@@ -9,8 +9,8 @@ never knows where its rows come from.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class TableSource(nn.Module):

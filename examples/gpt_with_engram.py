@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from engram_client import EngramBlock, EngramConfig, RowwiseAdam
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from engram_client import CompressedTokenizer, EngramConfig, NgramHasher, build_token_map, compression
 
-from engram_client import CompressedTokenizer, EngramConfig, NgramHasher, build_token_map  # noqa: E402
-from engram_client import compression  # noqa: E402
+tokenizers = pytest.importorskip("tokenizers")  # an optional dependency (the `demo` extra)
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 WORDS = ["[UNK]", "Hello", "hello", " hello", "HÉLLO", "héllo", " ", "  ", "\t\n", "Ａ", "a", "ﬁ", "fi",
          "\u0301", "x  y", " x\ty ", "Straße", "STRASSE", "<|sep|>"]
