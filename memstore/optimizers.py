@@ -41,39 +41,58 @@ def step(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndar
     _STEPS[opt.kind](opt, rows, state, grads)
 
 
+# Each step reuses one scratch buffer (out=): a 64k x 64 batch is 16 MiB per temporary, and
+# fresh temporaries cost page faults that rival the arithmetic.
+
 def _sgd(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
-    rows -= np.float32(opt.lr) * grads
+    scaled = np.multiply(grads, np.float32(opt.lr))
+    rows -= scaled
+
+
+def _scaled_step(opt: OptimizerSpec, rows: np.ndarray, numer: np.ndarray, denom: np.ndarray,
+                 eps: float) -> None:
+    """rows -= lr * numer / (denom + eps), in place; `denom` is scratch (overwritten)."""
+    denom += np.float32(eps)
+    np.divide(numer, denom, out=denom)
+    denom *= np.float32(opt.lr)
+    rows -= denom
 
 
 def _adagrad(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
-    state += grads * grads                                  # (n, dim)
-    denom = np.sqrt(state)
-    denom += np.float32(opt.arg("eps"))
-    rows -= np.float32(opt.lr) * grads / denom
+    scratch = np.multiply(grads, grads)                     # (n, dim) g²
+    state += scratch
+    np.sqrt(state, out=scratch)
+    _scaled_step(opt, rows, grads, scratch, opt.arg("eps"))
 
 
 def _rowwise_adagrad(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray,
                      grads: np.ndarray) -> None:
-    state += np.mean(grads * grads, axis=1, keepdims=True)  # (n, 1)
-    denom = np.sqrt(state)
+    state += np.einsum("ij,ij->i", grads, grads)[:, None] / np.float32(grads.shape[1])  # (n, 1) mean g²
+    denom = np.sqrt(state)                                  # (n, 1), broadcast over dim
     denom += np.float32(opt.arg("eps"))
-    rows -= np.float32(opt.lr) * grads / denom              # (n, dim) / (n, 1)
+    scratch = np.divide(grads, denom)                       # (n, dim)
+    scratch *= np.float32(opt.lr)
+    rows -= scratch
 
 
 def _adam(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
     dim = rows.shape[1]
     b1, b2 = np.float32(opt.arg("beta1")), np.float32(opt.arg("beta2"))
     m, v, t = state[:, :dim], state[:, dim:2 * dim], state[:, 2 * dim:]  # views: (n,dim) (n,dim) (n,1)
+    scratch = np.multiply(grads, 1 - b1)                    # (n, dim)
     m *= b1
-    m += (1 - b1) * grads
+    m += scratch
+    np.multiply(grads, grads, out=scratch)
+    scratch *= 1 - b2
     v *= b2
-    v += (1 - b2) * grads * grads
+    v += scratch
     t += 1
     bias1 = 1 - np.power(b1, t)                             # (n, 1)
     bias2 = 1 - np.power(b2, t)
-    denom = np.sqrt(v / bias2)
-    denom += np.float32(opt.arg("eps"))
-    rows -= np.float32(opt.lr) * (m / bias1) / denom
+    np.divide(v, bias2, out=scratch)
+    np.sqrt(scratch, out=scratch)
+    numer = np.divide(m, bias1)                             # (n, dim) bias-corrected m
+    _scaled_step(opt, rows, numer, scratch, opt.arg("eps"))
 
 
 _STEPS = {"sgd": _sgd, "adagrad": _adagrad, "rowwise_adagrad": _rowwise_adagrad, "adam": _adam}

@@ -337,3 +337,27 @@ def test_lmdb_recovers_from_map_full_without_pre_growing(tmp_path: Path,
     assert table.usage().rows_materialized == 20_000
     assert not table.apply_update(ids, np.ones((20_000, 64), np.float32), "c", 1)  # applied exactly once
     backend.close()
+
+
+def test_snapshots_are_consistent_during_updates(backend: Backend) -> None:
+    """Every snapshot holds a whole number of updates, and the dedup memory matching them."""
+    spec = TableSpec("c", num_rows=200, dim=4, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd", lr=1.0))
+    table = backend.create_table(spec)
+    ids = np.arange(200, dtype=np.int64)
+    done = threading.Event()
+
+    def writer() -> None:
+        for seq in range(1, 61):
+            table.apply_update(ids, np.full((200, 4), -1.0, np.float32), "w", seq)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    snapshots = []
+    while not done.is_set() or not snapshots:
+        snapshots.append(read_snapshot(backend.snapshot("c")))
+    thread.join()
+    for snap in snapshots:
+        applied = snap.dedup.get("w", 0)
+        assert len(snap.ids) == (200 if applied else 0)
+        np.testing.assert_array_equal(snap.rows, np.full((len(snap.ids), 4), applied, np.float32))

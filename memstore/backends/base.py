@@ -4,13 +4,19 @@ Division of labour:
 - `memstore.store.Store` (above the backends) validates requests: ids in range, byte sizes,
   finite gradients, read-only mode; it sorts and de-duplicates ids and sums duplicate
   gradients. A backend therefore receives clean input only.
+- Ids a backend sees are this shard's LOCAL rows, in [0, spec.local_rows); the store maps global
+  row g to local row g // shard_count. Initial values come from the GLOBAL id
+  (`spec.to_global`), so a row starts the same whatever the shard layout; snapshots store
+  global ids (portable across layouts).
 - A backend stores rows in the table's storage dtype (`memstore.dtypes`), keeps optimizer state
   beside the rows (float32, `memstore.optimizers.state_width` columns per row), creates rows
   lazily from `memstore.init.init_rows` (deterministic per (seed, row id)), applies each
   (client_id, seq) at most once, and persists itself under its data dir.
 
-Thread-safety: `lookup` may run concurrently with anything; `apply_update`, `snapshot` and
-`drop` on one table are serialised by the table itself.
+Thread-safety: `lookup` may run concurrently with anything and does not wait for updates (only,
+briefly, for an LMDB map resize); `apply_update`, `snapshot` and `drop` on one table are serialised by the table itself. What a
+lookup racing an update of the same rows sees is backend-specific (LMDB: the whole update or
+none of it; RAM: each row before or after it). A table dropped or closed raises `NotFound`.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class Table(ABC):
 
     @abstractmethod
     def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Rows for `ids` (int64 [n], each in [0, num_rows), any order, duplicates allowed).
+        """Rows for `ids` (int64 [n], local rows in [0, spec.local_rows), any order, duplicates
+        allowed; the array may be read-only).
 
         Returns a C-contiguous array [n, dim] of the storage dtype, in the order of `ids`.
         A row never written reads as its deterministic initial value.
@@ -44,8 +51,8 @@ class Table(ABC):
 
     @abstractmethod
     def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
-        """One optimizer step for rows `ids` (int64 [n], sorted, unique) with `grads` (float32
-        [n, dim], finite). Rows and optimizer state change together, atomically.
+        """One optimizer step for rows `ids` (int64 [n], local, sorted, unique) with `grads`
+        (float32 [n, dim], finite). Rows and optimizer state change together, atomically.
 
         Returns False, changing nothing, when `seq` <= the last seq applied for `client_id`
         on this table (a retried delivery); True when applied. An empty `client_id` disables
@@ -58,8 +65,8 @@ class Table(ABC):
     @abstractmethod
     def snapshot(self, dest: Path) -> Path:
         """Write a consistent copy of the table into the new directory `dest` in the portable
-        snapshot format (`memstore.snapshot`: spec + dedup memory as msgpack, materialized row
-        ids, rows, optimizer state as .npy), atomically (temp dir + rename); returns `dest`."""
+        snapshot format (`memstore.snapshot`: spec + dedup memory as msgpack, materialized GLOBAL
+        row ids, rows, optimizer state as .npy), atomically (temp dir + rename); returns `dest`."""
 
 
 class Backend(ABC):
@@ -69,7 +76,8 @@ class Backend(ABC):
 
     @abstractmethod
     def __init__(self, data_dir: Path, **options) -> None:
-        """Open `data_dir` (created if missing) and restore every table found there."""
+        """Open `data_dir` (created if missing) and restore every table found there. A data dir
+        is held by one backend at a time (a second open raises `FailedPrecondition`)."""
 
     @abstractmethod
     def create_table(self, spec: TableSpec) -> Table:

@@ -100,7 +100,8 @@ class RamTable(Table):
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
         self._count = int(np.count_nonzero(arrays.materialized))
-        self._lock = threading.Lock()  # serialises writers: updates, snapshots, drop
+        self._lock = threading.Lock()  # serialises writers: updates, the copy phase of snapshots, drop
+        self._snapshot_lock = threading.Lock()  # one snapshot of this table at a time
         self._version = 0              # applied updates; checkpoint skips unchanged tables
         self._saved_version = -1       # _version at the last snapshot
         self._dropped = False
@@ -151,22 +152,33 @@ class RamTable(Table):
                           bytes_used=self._count * (self.spec.row_bytes + 4 * self._width))
 
     def snapshot(self, dest: Path) -> Path:
-        with self._lock:
-            self._check_alive()
-            return self._write_snapshot(dest)
+        """Copy the materialized rows out under the writer lock (consistent; no second copy of
+        the table in memory; updates wait, lookups go on), then fsync and publish without it."""
+        with self._snapshot_lock:
+            with self._lock:
+                self._check_alive()
+                writer, version = self._stream_rows(dest), self._version
+            try:
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            self._saved_version = version
+            return dest
 
-    def _write_snapshot(self, dest: Path) -> Path:
-        """Stream materialized rows out under the writer lock: consistent, and no second copy of
-        the table in memory. Updates wait; lookups go on."""
+    def _stream_rows(self, dest: Path) -> SnapshotWriter:
         a = self._a
         local_ids = np.flatnonzero(a.materialized)  # (m,) ascending
-        with SnapshotWriter(dest, self.spec, len(local_ids), self._dedup.to_dict()) as writer:
+        writer = SnapshotWriter(dest, self.spec, len(local_ids), self._dedup.to_dict())
+        try:
             for start in range(0, len(local_ids), CHUNK_ROWS):
                 chunk = local_ids[start:start + CHUNK_ROWS]
                 writer.append(self.spec.to_global(chunk), np.take(a.rows, chunk, axis=0),
                               np.take(a.state, chunk, axis=0))
-        self._saved_version = self._version
-        return dest
+        except BaseException:
+            writer.abort()
+            raise
+        return writer
 
     def restore(self, snap: Snapshot) -> None:
         """Load a snapshot's rows into the (fresh, empty) arrays, chunk by chunk."""
@@ -259,7 +271,7 @@ class RamBackend(Backend):
     def drop_table(self, name: str) -> None:
         with self._admin:
             table = self.get(name)
-            with table._lock:  # wait for an update or snapshot in flight
+            with table._snapshot_lock, table._lock:  # wait for an update or snapshot in flight
                 del self._tables[name]
                 table.release()
             shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
@@ -275,12 +287,10 @@ class RamBackend(Backend):
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)
-        with table._lock:
-            table._check_alive()
-            table_dir = self._snapshots_dir(name)
-            path = table._write_snapshot(new_snapshot_path(table_dir))
-            prune_snapshots(table_dir, self.keep_snapshots)
-            return path
+        table_dir = self._snapshots_dir(name)
+        path = table.snapshot(new_snapshot_path(table_dir))
+        prune_snapshots(table_dir, self.keep_snapshots)
+        return path
 
     def checkpoint(self) -> None:
         for table in self.tables():
@@ -290,7 +300,7 @@ class RamBackend(Backend):
     def close(self) -> None:
         with self._admin:
             for table in self._tables.values():
-                with table._lock:
+                with table._snapshot_lock, table._lock:
                     table.release()
             self._tables.clear()
             self._dir_lock.release()
