@@ -13,10 +13,11 @@ Division of labour:
   lazily from `memstore.init.init_rows` (deterministic per (seed, row id)), applies each
   (client_id, seq) at most once, and persists itself under its data dir.
 
-Thread-safety: `lookup` may run concurrently with anything and does not wait for updates (only,
-briefly, for an LMDB map resize); `apply_update`, `snapshot` and `drop` on one table are serialised by the table itself. What a
-lookup racing an update of the same rows sees is backend-specific (LMDB: the whole update or
-none of it; RAM: each row before or after it). A table dropped or closed raises `NotFound`.
+Thread-safety: `lookup` may run concurrently with anything and does not wait for updates
+(only, briefly, for an LMDB map resize); `apply_update`, `snapshot` and `drop` on one table are
+serialised by the table itself. What a lookup racing an update of the same rows sees is
+backend-specific (LMDB: the whole update or none of it; RAM: each row, even each element, before
+or after it). A table dropped or closed raises `NotFound`.
 """
 from __future__ import annotations
 
