@@ -1,0 +1,269 @@
+"""`python -m demo` (`make demo`): a memstore daemon, a baseline GPT and an Engram GPT, a report.
+
+    make demo                          # ~10 min on 2 CPU cores
+    make demo ARGS="--quick"           # < 2 min smoke run
+    make demo ARGS="--memstore h1:50051,h2:50051"   # train against running shards
+    python -m demo --help              # every knob
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import platform
+import shlex
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from demo.cluster import MemstoreDaemon
+from demo.corpus import load_corpus
+from demo.memory import EngramMemory, EngramSettings
+from demo.model import GPT, GPTConfig
+from demo.report import console_table, write_outputs
+from demo.tokenizer import tokenize_corpus
+from demo.train import TrainConfig, train_model, val_windows
+
+CACHE_DIR = Path(".cache/demo")
+
+# --quick: tiny model, few steps, a slice of the corpus (the smoke test in `make test` runs it).
+QUICK = dict(steps=60, batch_size=8, block_size=64, n_layer=2, n_head=2, n_embd=64, vocab_size=1024,
+             table_rows=10_007, embed_per_ngram=64, max_corpus_mb=0.5, val_tokens=16_384, eval_interval=20,
+             eval_windows=16, sample_tokens=40)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (< 2 min); explicit flags still win")
+    p.add_argument("--out", default="runs", help="runs are written to OUT/<UTC timestamp>/")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--corpus", default=None, help="folder of text files (default: this Python's stdlib *.py)")
+    g.add_argument("--max-corpus-mb", type=float, default=None, help="cap the train text (MB; 0 = all)")
+    g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
+    g.add_argument("--val-tokens", type=int, default=None, help="validation tokens evaluated at the end (0 = all)")
+    g = p.add_argument_group("model and training")
+    g.add_argument("--steps", type=int, default=None, help="training steps per model (default 300)")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
+    g.add_argument("--block-size", type=int, default=None, help="context length T (default 128)")
+    g.add_argument("--n-layer", type=int, default=None, help="transformer blocks (default 4)")
+    g.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")
+    g.add_argument("--n-embd", type=int, default=None, help="hidden size C (default 256)")
+    g.add_argument("--lr", type=float, default=None, help="backbone peak learning rate (default 2e-3)")
+    g.add_argument("--eval-interval", type=int, default=None, help="steps between validation checks")
+    g.add_argument("--eval-windows", type=int, default=None, help="windows in each validation check")
+    g.add_argument("--seed", type=int, default=1337, help="model init and batch order (both models)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    g = p.add_argument_group("Engram")
+    g.add_argument("--engram-layer", type=int, default=1, help="0-based block index of the EngramBlock (1 = layer 2)")
+    g.add_argument("--max-ngram", type=int, default=3, help="n-gram orders 2..N")
+    g.add_argument("--heads-per-ngram", type=int, default=4, help="hash heads per order")
+    g.add_argument("--embed-per-ngram", type=int, default=None, help="embedding width per order (default 128)")
+    g.add_argument("--table-rows", type=int, default=None, help="target rows per hash head (default 100003)")
+    g.add_argument("--table-lr-mult", type=float, default=5.0, help="table lr / backbone lr (the paper: 5)")
+    g.add_argument("--tables", choices=("memstore", "local"), default="memstore",
+                   help="rows on memstore (server-side Adam) or an in-model parameter (RowwiseAdam)")
+    g.add_argument("--mode", choices=("sync", "async"), default="sync", help="memstore consistency")
+    g = p.add_argument_group("memstore")
+    g.add_argument("--memstore", default=None, metavar="HOST:PORT,...",
+                   help="use these running shards (in shard-index order) instead of starting a daemon")
+    g.add_argument("--backend", choices=("lmdb", "ram"), default="lmdb", help="backend of the started daemon")
+    g.add_argument("--lmdb-sync", choices=("true", "false"), default="false",
+                   help="fsync every update commit (off by default: the demo's data dir is thrown away)")
+    g.add_argument("--keep-data", action="store_true", help="keep the daemon's data dir in the run folder")
+    g = p.add_argument_group("output")
+    g.add_argument("--sample-tokens", type=int, default=None, help="tokens generated per model (default 120)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    defaults = dict(steps=300, batch_size=16, block_size=128, n_layer=4, n_head=4, n_embd=256, vocab_size=4096,
+                    table_rows=100_003, embed_per_ngram=128, max_corpus_mb=0, val_tokens=0, eval_interval=50,
+                    eval_windows=48, sample_tokens=120, lr=2e-3)
+    preset = {**defaults, **(QUICK if args.quick else {})}
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # SIGTERM (docker stop, kill) takes the same clean path as Ctrl-C: stop the daemon, exit.
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.perf_counter()
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(args.out) / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run folder: {run_dir}")
+
+    daemon, client = None, None
+    try:
+        daemon, client = _connect(args, run_dir)
+        metrics, results = run(args, client, daemon, run_dir, stamp)
+        metrics["run"]["wall_seconds"] = time.perf_counter() - started
+        paths = write_outputs(run_dir, metrics, results)
+        print("\n" + console_table(metrics))
+        print(f"\nwall time {metrics['run']['wall_seconds']:.0f} s; wrote {paths['report']}, "
+              f"{paths['metrics'].name}, {paths['plot'].name}")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping", file=sys.stderr)
+        return 130
+    finally:
+        if client is not None:
+            client.close()
+        if daemon is not None:
+            code = daemon.stop()
+            print(f"memstore daemon stopped (exit code {code})")
+            if not args.keep_data:
+                shutil.rmtree(daemon.data_dir, ignore_errors=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _connect(args: argparse.Namespace, run_dir: Path):
+    """Start the daemon (or use --memstore shards) and open a client; (None, None) for local tables."""
+    if args.tables == "local":
+        return None, None
+    from engram_client.memstore_client import MemStoreClient
+    from engram_client.sharded import ShardedClient
+
+    daemon = None
+    if args.memstore:
+        targets = [t.strip() for t in args.memstore.split(",") if t.strip()]
+    else:
+        extra = ("--lmdb-sync", args.lmdb_sync) if args.backend == "lmdb" else ()
+        daemon = MemstoreDaemon(run_dir / "memstore-data", args.backend, extra).start()
+        targets = [daemon.target]
+        print(f"memstore daemon: pid {daemon.proc.pid}, {daemon.target}, {args.backend} backend "
+              f"in {daemon.data_dir} (log {daemon.log_path})")
+    client = MemStoreClient(targets[0]) if len(targets) == 1 else ShardedClient(targets)
+    return daemon, client
+
+
+def run(args, client, daemon, run_dir: Path, stamp: str) -> tuple[dict, list]:
+    corpus = load_corpus(args.corpus, max_train_bytes=int(args.max_corpus_mb * 1e6))
+    print(f"corpus: {corpus.describe()}")
+    t0 = time.perf_counter()
+    tok = tokenize_corpus(corpus, args.vocab_size, CACHE_DIR)
+    print(f"tokenizer: {tok.vocab_size} ids, {len(tok.train_ids):,} train / {len(tok.val_ids):,} validation tokens "
+          f"({'cached' if tok.cached else f'trained in {time.perf_counter() - t0:.1f} s'}: {tok.cache_dir})")
+    val_ids = tok.val_ids[: args.val_tokens + 1] if args.val_tokens else tok.val_ids
+    val = val_windows(val_ids, args.block_size)
+
+    settings = EngramSettings(layer=args.engram_layer, max_ngram_size=args.max_ngram,
+                              heads_per_ngram=args.heads_per_ngram, embed_per_ngram=args.embed_per_ngram,
+                              table_rows=args.table_rows, tables=args.tables, mode=args.mode,
+                              table_lr=args.lr * args.table_lr_mult)
+    memory = EngramMemory(settings, tok.tokenizer, tok.eos_id, CACHE_DIR, client=client,
+                          table_prefix=f"demo_{stamp}")
+    print(f"engram: token compression {tok.vocab_size} -> {memory.compressed_vocab} ids; layer {settings.layer} "
+          f"(0-based), {memory.config.num_heads} heads, {memory.num_rows:,} rows x {memory.config.head_dim} "
+          f"on {settings.tables}")
+
+    model_cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                          n_head=args.n_head, n_embd=args.n_embd)
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            eval_interval=args.eval_interval, eval_windows=args.eval_windows,
+                            warmup_steps=min(30, max(1, args.steps // 10)))
+    torch.manual_seed(args.seed)
+    baseline = GPT(model_cfg, seed=args.seed)
+    torch.manual_seed(args.seed)
+    engram = GPT(dataclasses.replace(model_cfg, engram_layer=settings.layer), memory.make_block, seed=args.seed)
+    models = {"baseline": baseline, "engram": engram}
+    for name, model in models.items():
+        params, flops = model.param_counts(), model.flops_per_token()
+        print(f"{name:>8}: {params['dense'] / 1e6:.2f} M dense + {params['table'] / 1e6:.2f} M table parameters, "
+              f"{flops['train'] / 1e6:.1f} MFLOPs/token train ({flops['forward'] / 1e6:.1f} forward)")
+
+    results = [train_model("baseline", baseline, tok.train_ids, val, train_cfg, show_progress=not args.no_progress),
+               train_model("engram", engram, tok.train_ids, val, train_cfg, memory, show_progress=not args.no_progress)]
+
+    collisions = memory.collisions(val_ids, args.block_size)
+    samples = _samples(models, tok, args)
+    metrics = {
+        "run": {"timestamp": stamp, "command": "python -m demo " + shlex.join(sys.argv[1:]),
+                "machine": _machine(), "torch_threads": torch.get_num_threads()},
+        "corpus": {"root": str(corpus.root), "description": corpus.describe(), "digest": corpus.digest,
+                   "train_names": [p.name for p in corpus.train_files], "val_names": [p.name for p in corpus.val_files]},
+        "tokenizer": {"vocab_size": tok.vocab_size, "compressed_vocab": memory.compressed_vocab,
+                      "train_tokens": len(tok.train_ids), "val_tokens": len(val_ids) - 1, "cache": str(tok.cache_dir)},
+        "model_config": dataclasses.asdict(model_cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "engram": {"config": dataclasses.asdict(memory.config), "tables": settings.tables, "mode": settings.mode,
+                   "table_lr": settings.table_lr, "table_name": memory.table_name,
+                   "server": _server_desc(args, daemon)},
+        "models": {r.name: {"params": models[r.name].param_counts(), "flops": models[r.name].flops_per_token(),
+                            "summary": r.summary(), "curves": dataclasses.asdict(r)} for r in results},
+        "memstore": _memstore_stats(client, memory.table_name),
+        "collisions": collisions,
+        "samples": samples,
+    }
+    return metrics, results
+
+
+def _samples(models: dict, tok, args) -> dict[str, str]:
+    prompt = torch.tensor([tok.encode("def ")], dtype=torch.int64)  # (1, T0)
+    out = {}
+    for name, model in models.items():
+        model.eval()
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = model.generate(prompt, args.sample_tokens, generator=generator)[0]
+        out[name] = tok.decode(ids.tolist())
+        print(f"\n--- sample from {name} ---\n{out[name]}")
+    return out
+
+
+def _memstore_stats(client, table_name: str) -> dict | None:
+    """The server-side view of the Engram table (summed over shards) and the servers' counters."""
+    if client is None:
+        return None
+    info = client.describe_table(table_name)
+    responses = client.stats()
+    responses = responses if isinstance(responses, list) else [responses]  # ShardedClient: one per shard
+    counters: dict[str, float] = {}
+    for response in responses:
+        for key, value in response.counters.items():
+            counters[key] = counters.get(key, 0.0) + value
+    table = {"name": table_name, "num_rows": info.spec.num_rows, "dim": info.spec.dim, "dtype": info.spec.dtype,
+             "optimizer": f"{info.spec.optimizer.kind}(lr={info.spec.optimizer.lr:g})",
+             "rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
+             "lookups": info.lookups, "updates": info.updates}
+    return {"backend": responses[0].backend, "version": responses[0].version, "shards": len(responses),
+            "tables": [table], "counters": counters}
+
+
+def _server_desc(args, daemon) -> str:
+    if args.tables == "local":
+        return "none (local tables)"
+    if daemon is None:
+        return f"running shards {args.memstore}"
+    sync = f", lmdb_sync={args.lmdb_sync}" if args.backend == "lmdb" else ""
+    return f"memstore serve subprocess on {daemon.target} ({args.backend}{sync})"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} x {cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}, " \
+           f"torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
