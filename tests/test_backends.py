@@ -361,3 +361,39 @@ def test_snapshots_are_consistent_during_updates(backend: Backend) -> None:
         applied = snap.dedup.get("w", 0)
         assert len(snap.ids) == (200 if applied else 0)
         np.testing.assert_array_equal(snap.rows, np.full((len(snap.ids), 4), applied, np.float32))
+
+
+_ACKING_WRITER = """
+import sys, numpy as np
+from memstore.backends import open_backend
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+backend = open_backend("lmdb", sys.argv[1], sync=True)
+table = backend.create_table(TableSpec("k", num_rows=10**6, dim=8, init=InitSpec("zeros"),
+                                       optimizer=OptimizerSpec("sgd", lr=1.0)))
+ids = np.arange(0, 10**6, 97, dtype=np.int64)
+for seq in range(1, 10**6):
+    table.apply_update(ids, np.full((len(ids), 8), -1.0, np.float32), "w", seq)
+    print(seq, flush=True)  # the acknowledgement
+"""
+
+
+@pytest.mark.slow
+def test_lmdb_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", _ACKING_WRITER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    acked = 0
+    while acked < 30:
+        acked = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    backend = open_backend("lmdb", tmp_path)
+    table = backend.get("k")
+    rows = table.lookup(np.arange(0, 10**6, 97, dtype=np.int64))
+    applied = rows[0, 0]
+    assert applied >= acked                       # nothing acknowledged was lost ...
+    np.testing.assert_array_equal(rows, applied)  # ... and no update is half-applied
+    assert not table.apply_update(np.array([0]), np.ones((1, 8), np.float32), "w", int(applied))
+    backend.close()

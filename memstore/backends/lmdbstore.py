@@ -275,13 +275,22 @@ class LmdbTable(Table):
         return TableUsage(rows_materialized=rows, bytes_used=used)
 
     def snapshot(self, dest: Path) -> Path:
-        """Export from one read transaction: a consistent view, and writers go on meanwhile."""
+        """Export from one read transaction: a consistent view, and writers go on meanwhile.
+        The transaction ends before the fsync, so it pins old pages no longer than needed."""
         with self._read_txn() as txn:
             count = txn.stat(self._rows_db)["entries"]
-            with SnapshotWriter(dest, self.spec, count, self._dedup_memory(txn)) as writer:
+            writer = SnapshotWriter(dest, self.spec, count, self._dedup_memory(txn))
+            try:
                 for local_ids, rows, state in self._iter_chunks(txn):
                     writer.append(self.spec.to_global(local_ids), rows, state)
-        return dest
+            except BaseException:
+                writer.abort()
+                raise
+        try:
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
 
     def _iter_chunks(self, txn: lmdb.Transaction) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         rows_it = txn.cursor(db=self._rows_db).iternext()
