@@ -66,15 +66,16 @@ def test_table_lifecycle(backend: Backend) -> None:
         table.lookup(np.array([1]))  # a dropped table refuses instead of reading freed storage
 
 
-def test_untouched_rows_read_as_their_initial_value(backend: Backend) -> None:
+def test_untouched_rows_read_as_their_initial_value(backend: Backend, kind: str) -> None:
     spec = _spec(dtype="bfloat16")
     table = backend.create_table(spec)
     ids = np.array([0, 999, 5, 5, 17], dtype=np.int64)  # local rows of shard 1 of 3
     expected = dtypes.from_float32(_initial(spec, ids), "bfloat16")  # global ids 1, 2998, 16, ...
-    rows = table.lookup(ids)
-    assert rows.dtype == np.uint16 and rows.shape == (5, 6) and rows.flags.c_contiguous
-    np.testing.assert_array_equal(rows, expected)
-    assert table.usage().rows_materialized == 0
+    for _ in range(2):  # RAM keeps what the first lookup computed; LMDB writes nothing
+        rows = table.lookup(ids)
+        assert rows.dtype == np.uint16 and rows.shape == (5, 6) and rows.flags.c_contiguous
+        np.testing.assert_array_equal(rows, expected)
+    assert table.usage().rows_materialized == (4 if kind.startswith("ram") else 0)
 
 
 def test_lookup_order_and_duplicates(backend: Backend) -> None:
@@ -87,7 +88,6 @@ def test_lookup_order_and_duplicates(backend: Backend) -> None:
     rows = table.lookup(ids)
     np.testing.assert_array_equal(rows, np.stack([one_by_one[i] for i in ids]))
     np.testing.assert_array_equal(one_by_one[20], _initial(spec, [20])[0])  # untouched
-    assert table.usage().rows_materialized == 3
     assert table.lookup(np.zeros(0, np.int64)).shape == (0, 6)
 
 
@@ -97,8 +97,9 @@ def test_optimizer_through_backend(backend: Backend, dtype: str, optimizer: str)
     """Two updates (the second on partly materialized rows) equal the optimizer run by hand."""
     spec = _spec(dtype=dtype, optimizer=optimizer)
     table = backend.create_table(spec)
-    ref_rows = _initial(spec, np.arange(20))                      # float32 (20, 6)
+    ref_rows = dtypes.to_float32(dtypes.from_float32(_initial(spec, np.arange(20)), dtype), dtype)  # (20, 6)
     ref_state = optimizers.initial_state(spec.optimizer, 20, 6)
+    table.lookup(np.arange(10, dtype=np.int64))  # rows read before their first update start the same
     for step_no, ids in enumerate([np.array([2, 5, 9]), np.array([1, 5, 9, 19])]):
         grads = _grads(len(ids), 6, step_no)
         assert table.apply_update(ids.astype(np.int64), grads, "trainer", step_no + 1)
@@ -141,7 +142,7 @@ def test_restart_restores_rows_state_and_dedup(kind: str, tmp_path: Path) -> Non
     table = backend.get("emb")
     assert table.spec == spec
     np.testing.assert_array_equal(table.lookup(np.arange(1000, dtype=np.int64)), expected)
-    assert table.usage().rows_materialized == usage.rows_materialized == len(ids)
+    assert table.usage().rows_materialized == usage.rows_materialized >= len(ids)
     assert not table.apply_update(ids, _grads(len(ids), 6, 1), "trainer", 41)  # dedup survived
     # The optimizer state survived too: the next step equals one computed from the old state.
     assert table.apply_update(ids[:1], np.ones((1, 6), np.float32), "trainer", 42)

@@ -148,7 +148,7 @@ class LmdbTable(Table):
             values = list(map(txn.get, keys))  # the one per-row loop, in C via map
         rows, missing = decode_values(values, self._storage, self.spec.dim)  # (u, dim)
         if missing.any():
-            rows[missing] = dtypes.from_float32(self._initial_rows(unique[missing]), self.spec.dtype)
+            rows[missing] = self._initial_stored(unique[missing])
         return np.take(rows, inverse, axis=0)  # (n, dim) in request order
 
     def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
@@ -192,9 +192,9 @@ class LmdbTable(Table):
                          keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         values = list(map(txn.get, keys, repeat(None), repeat(self._rows_db)))
         stored, missing = decode_values(values, self._storage, self.spec.dim)
-        rows = dtypes.to_float32(stored, self.spec.dtype)  # (n, dim)
         if missing.any():
-            rows[missing] = self._initial_rows(ids[missing])
+            stored[missing] = self._initial_stored(ids[missing])
+        rows = dtypes.to_float32(stored, self.spec.dtype)  # (n, dim)
         opt, n = self.spec.optimizer, len(ids)
         if not self._width:
             return rows, np.zeros((n, 0), np.float32)
@@ -204,8 +204,10 @@ class LmdbTable(Table):
             state[missing] = optimizers.initial_state(opt, int(missing.sum()), self.spec.dim)
         return rows, state
 
-    def _initial_rows(self, local_ids: np.ndarray) -> np.ndarray:
-        return init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+    def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
+        """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
+        initial = init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+        return dtypes.from_float32(initial, self.spec.dtype)
 
     # ---- dedup memory (inside the update's write txn) --------------------------------------
 

@@ -6,14 +6,16 @@ Per table (L = spec.local_rows rows of this shard):
     state         float32 [L, width]       optimizer state beside the rows
     materialized  bool [L]                 True once a row has been written by an update
 
-Creating a table of 10^9 rows is instant. A row that was never updated reads as its
-deterministic initial value, computed on the fly; an update materializes it (initial value and
-initial state first, then the optimizer step).
+Creating a table of 10^9 rows is instant. A row that was never written reads as its
+deterministic initial value (rounded to the storage dtype), computed on the fly; the lookup then
+stores it if the table's lock is free, and an update stores it before its optimizer step, so the
+init is computed about once per row.
 
 Concurrency: updates and snapshots of one table are serialised by the table's lock; lookups
-take no lock and never write. Each row is published by writing its values before its
-`materialized` flag, and a lookup reads the flags before the rows, so a lookup sees either a
-row's initial value or a written one, never the zeros beneath. A lookup that races an update of
+never wait for it (they materialize rows only when they can take it without waiting). Each row is
+published by writing its values before its `materialized` flag, and a lookup reads the flags
+before the rows, so a lookup sees either a row's initial value or a written one, never the zeros
+beneath. A lookup that races an update of
 the same rows may see some rows (even some elements) before the update and some after, like
 Hogwild-style embedding servers; rows the update does not touch are never affected.
 
@@ -99,6 +101,7 @@ class RamTable(Table):
         self._memmap_dir = memmap_dir
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
+        self._initial_state_nonzero = bool(optimizers.initial_state(spec.optimizer, 1, spec.dim).any())
         self._count = int(np.count_nonzero(arrays.materialized))
         self._lock = threading.Lock()  # serialises writers: updates, the copy phase of snapshots, drop
         self._snapshot_lock = threading.Lock()  # one snapshot of this table at a time
@@ -115,8 +118,31 @@ class RamTable(Table):
         out = np.empty((len(ids), self.spec.dim), self._storage)  # (n, dim)
         np.take(a.rows, ids, axis=0, out=out, mode="clip")  # mode=clip: no bounds buffer, fastest
         if fresh.any():
-            out[fresh] = dtypes.from_float32(self._initial_rows(ids[fresh]), self.spec.dtype)
+            fresh_ids = ids[fresh]
+            out[fresh] = initial = self._initial_stored(fresh_ids)
+            self._try_materialize(fresh_ids, initial)
         return out
+
+    def _try_materialize(self, ids: np.ndarray, initial: np.ndarray) -> None:
+        """Keep initial rows a lookup computed, so the update that usually follows (or the next
+        lookup) need not compute them again. Skipped while a writer holds the lock: lookups
+        never wait. Re-checks the flags under the lock, so a row written meanwhile is kept."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._dropped:
+                return
+            a = self._a
+            ids, first = np.unique(ids, return_index=True)
+            still_fresh = ~a.materialized[ids]
+            ids, initial = ids[still_fresh], initial[first[still_fresh]]
+            a.rows[ids] = initial
+            if self._initial_state_nonzero:  # the calloc'd zeros are already right otherwise
+                a.state[ids] = optimizers.initial_state(self.spec.optimizer, len(ids), self.spec.dim)
+            a.materialized[ids] = True
+            self._count += len(ids)
+        finally:
+            self._lock.release()
 
     def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
         with self._lock:
@@ -125,12 +151,13 @@ class RamTable(Table):
                 return False
             a, opt = self._a, self.spec.optimizer
             fresh = ~a.materialized[ids]                                          # (n,)
-            rows = dtypes.to_float32(np.take(a.rows, ids, axis=0), self.spec.dtype)  # (n, dim)
+            stored = np.take(a.rows, ids, axis=0)                                 # (n, dim)
             state = np.take(a.state, ids, axis=0)                                 # (n, width)
             new_ids = ids[fresh]
             if len(new_ids):
-                rows[fresh] = self._initial_rows(new_ids)
+                stored[fresh] = self._initial_stored(new_ids)
                 state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
+            rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
             optimizers.step(opt, rows, state, grads)
             # Rows and state first, flags last: a concurrent lookup trusts a set flag.
             a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
@@ -142,8 +169,10 @@ class RamTable(Table):
             self._version += 1
             return True
 
-    def _initial_rows(self, local_ids: np.ndarray) -> np.ndarray:
-        return init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+    def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
+        """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
+        initial = init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
+        return dtypes.from_float32(initial, self.spec.dtype)
 
     # ---- persistence ----------------------------------------------------------------------
 
