@@ -102,7 +102,7 @@ class RamTable(Table):
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
         self._initial_state_nonzero = bool(optimizers.initial_state(spec.optimizer, 1, spec.dim).any())
-        self._count = int(np.count_nonzero(arrays.materialized))
+        self._count = 0  # fresh arrays; restore() sets it
         self._lock = threading.Lock()  # serialises writers: updates, the copy phase of snapshots, drop
         self._snapshot_lock = threading.Lock()  # one snapshot of this table at a time
         self._version = 0              # applied updates; checkpoint skips unchanged tables
