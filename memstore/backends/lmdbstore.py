@@ -426,7 +426,10 @@ class LmdbBackend(Backend):
     def checkpoint(self) -> None:
         """Every commit is already durable with sync=True; with sync=False, flush now."""
         for table in self.tables():
-            table.sync()
+            try:
+                table.sync()
+            except NotFound:  # dropped meanwhile
+                pass
 
     def close(self) -> None:
         with self._admin:

@@ -324,7 +324,10 @@ class RamBackend(Backend):
     def checkpoint(self) -> None:
         for table in self.tables():
             if table.dirty:
-                self.snapshot(table.spec.name)
+                try:
+                    self.snapshot(table.spec.name)
+                except NotFound:  # dropped meanwhile: nothing left to keep
+                    pass
 
     def close(self) -> None:
         with self._admin:
