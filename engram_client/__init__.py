@@ -23,12 +23,28 @@ _EXPORTS = {
     "RowwiseAdam": "engram_client.optim",
     "LocalTables": "engram_client.tables",
     "TableSource": "engram_client.tables",
-    # ---- remote table sources / clients: reserved for the lead ---------------------------------
-    # "MemStoreClient": "engram_client.memstore_client",
-    # "ShardedClient": "engram_client.sharded",
+    # ---- remote tables: clients, table sources, prefetch, cache ---------------------------------
+    "MemStoreClient": "engram_client.memstore_client",
+    "TlsConfig": "engram_client.memstore_client",
+    "ShardedClient": "engram_client.sharded",
+    "RemoteTables": "engram_client.remote",
+    "MemStoreTables": "engram_client.remote",
+    "HostTables": "engram_client.host",
+    "InProcessStore": "engram_client.host",
+    "Prefetcher": "engram_client.prefetch",
+    "RowCache": "engram_client.cache",
 }
 
 __all__ = [
+    "HostTables",
+    "InProcessStore",
+    "MemStoreClient",
+    "MemStoreTables",
+    "Prefetcher",
+    "RemoteTables",
+    "RowCache",
+    "ShardedClient",
+    "TlsConfig",
     "CompressedTokenizer",
     "EngramBlock",
     "EngramConfig",
@@ -44,6 +60,12 @@ __all__ = [
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.block import EngramBlock, EngramState, ShortConv
+    from engram_client.cache import RowCache
+    from engram_client.host import HostTables, InProcessStore
+    from engram_client.memstore_client import MemStoreClient, TlsConfig
+    from engram_client.prefetch import Prefetcher
+    from engram_client.remote import MemStoreTables, RemoteTables
+    from engram_client.sharded import ShardedClient
     from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
     from engram_client.hashing import NgramHasher
     from engram_client.optim import RowwiseAdam

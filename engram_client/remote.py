@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engram_client.cache import RowCache
 from engram_client.tables import TableSource
+from memstore.dtypes import storage_dtype
 
 MODES = ("sync", "async")
 
@@ -41,8 +43,10 @@ class PendingLookup:
     row_ids: torch.Tensor        # (B, T, H) on the CPU: what the forward must match
     unique: np.ndarray           # (U,) sorted unique row ids
     inverse: torch.Tensor        # (B*T*H,) position of each row id in `unique`
-    rows: Future | None          # -> np.ndarray (U, D) in the table's storage dtype; None: not sent
+    rows: Future | None          # -> np.ndarray (M, D) storage dtype, the M rows not cached; None: not sent
     updates_seen: int            # updates that were acknowledged before the lookup was sent
+    hit: np.ndarray | None = None        # (U,) bool: served by the row cache
+    cached: torch.Tensor | None = None   # (U, D) on the device: the cache's rows where `hit`
 
 
 class _UpdateLog:
@@ -100,11 +104,13 @@ class SourceStats:
 class RemoteTables(TableSource):
     def __init__(self, store, name: str, num_rows: int, dim: int, *, dtype: str = "float32",
                  optimizer: str = "adam", lr: float = 1e-3, init: str = "normal", init_scale: float = 0.02,
-                 seed: int = 0, mode: str = "sync", create: bool = True, **optimizer_args: float):
+                 seed: int = 0, mode: str = "sync", create: bool = True, cache: RowCache | None = None,
+                 **optimizer_args: float):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.store, self.name, self.num_rows, self.dim, self.mode = store, name, int(num_rows), int(dim), mode
+        self.cache = cache
         self.table_kwargs = dict(dtype=dtype, optimizer=optimizer, lr=lr, init=init, init_scale=init_scale,
                                  seed=seed, **optimizer_args)
         if create:
@@ -147,8 +153,23 @@ class RemoteTables(TableSource):
     def send(self, pending: PendingLookup) -> PendingLookup:
         """Send the lookup now; what the rows will reflect is settled when they are used."""
         pending.updates_seen = self._updates.acknowledged()
-        pending.rows = self.store.lookup_async(self.name, pending.unique)
+        pending.rows = self._lookup(self._uncached(pending))
         return pending
+
+    def _lookup(self, ids: np.ndarray) -> Future:
+        if len(ids):
+            return self.store.lookup_async(self.name, ids)
+        done: Future = Future()  # everything came from the cache: no round trip
+        done.set_result(np.empty((0, self.dim), storage_dtype(self.table_kwargs["dtype"])))
+        return done
+
+    def _uncached(self, pending: PendingLookup) -> np.ndarray:
+        """The ids the row cache cannot serve (all of them without a cache)."""
+        if self.cache is None:
+            return pending.unique
+        hit, pending.cached = self.cache.lookup(torch.from_numpy(pending.unique))
+        pending.hit = hit.cpu().numpy()
+        return pending.unique[~pending.hit]
 
     def send_ahead(self, pending: PendingLookup) -> PendingLookup:
         """Send the lookup of the batch after the one about to run (the prefetcher's call).
@@ -161,12 +182,12 @@ class RemoteTables(TableSource):
             return self.send(pending)
         must_see = len(self._updates)
         pending.updates_seen = must_see
-        pending.rows = self._sender.submit(self._lookup_after, must_see, pending.unique)
+        pending.rows = self._sender.submit(self._lookup_after, must_see, self._uncached(pending))
         return pending
 
     def _lookup_after(self, updates: int, unique: np.ndarray) -> np.ndarray:
         self._updates.wait(updates)
-        return self.store.lookup_async(self.name, unique).result()
+        return self._lookup(unique).result()
 
     def request(self, row_ids: torch.Tensor) -> PendingLookup:
         """Prepare and send at once."""
@@ -179,15 +200,13 @@ class RemoteTables(TableSource):
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
         pending = self._take_pending(row_ids)
         started = time.perf_counter()
-        unique_rows = self._ready_rows(pending)                               # (U, D) numpy
+        weights = self._ready_rows(pending)                                   # (U, D) on the device
         wait = time.perf_counter() - started
         self.stats.wait_s += wait
         self.stats.last_wait_s = wait
         self.stats.lookups += 1
-        self.stats.rows_fetched += len(pending.unique)
         self._forget_seen_updates(pending)
 
-        weights = _to_tensor(unique_rows, self.table_kwargs["dtype"], self._device_probe.device)  # (U, D)
         if self.training and torch.is_grad_enabled():
             weights.requires_grad_(True)
             unique_ids = pending.unique
@@ -215,28 +234,50 @@ class RemoteTables(TableSource):
         """Updates a lookup made now has to reflect: all of them, or all but the last (async)."""
         return max(0, len(self._updates) - (1 if self.mode == "async" else 0))
 
-    def _ready_rows(self, pending: PendingLookup) -> np.ndarray:
-        """The prefetched rows, made as fresh as the consistency mode promises."""
-        rows = pending.rows.result()
+    def _ready_rows(self, pending: PendingLookup) -> torch.Tensor:
+        """The rows of `pending.unique` as a float32 (U, D) tensor on the model's device, made as
+        fresh as the consistency mode promises, with the cache's hits filled in."""
+        fetched = self._tensor(pending.rows.result())                           # (M, D)
+        self.stats.rows_fetched += len(fetched)
+        if pending.hit is None:
+            weights, refreshed = fetched, np.zeros(len(pending.unique), bool)
+        else:
+            weights = pending.cached.to(torch.float32, copy=True)                # (U, D)
+            weights[torch.from_numpy(~pending.hit).to(weights.device)] = fetched
+            refreshed = ~pending.hit
+        stale = self._stale_ids(pending)
+        if len(stale):
+            at = np.searchsorted(pending.unique, stale)
+            weights[torch.from_numpy(at).to(weights.device)] = self._tensor(
+                self.store.lookup_async(self.name, stale).result())
+            refreshed[at] = True
+            self.stats.rows_refetched += len(stale)
+        if self.cache is not None and refreshed.any():
+            mask = torch.from_numpy(refreshed).to(weights.device)
+            self.cache.insert(torch.from_numpy(pending.unique[refreshed]), weights[mask])
+        return weights
+
+    def _stale_ids(self, pending: PendingLookup) -> np.ndarray:
+        """Rows of `pending` changed by updates it must see but that were not acknowledged when it
+        was sent (they are fetched again)."""
         must_see = self._must_see()
         if must_see <= pending.updates_seen:
-            return rows
+            return pending.unique[:0]
         missed = self._updates.wait(must_see, since=pending.updates_seen)
         if not missed:
-            return rows
-        stale = np.intersect1d(pending.unique, np.concatenate(missed), assume_unique=False)
-        if len(stale) == 0:
-            return rows
-        rows = rows.copy() if not rows.flags.writeable else rows
-        rows[np.searchsorted(pending.unique, stale)] = self.store.lookup_async(self.name, stale).result()
-        self.stats.rows_refetched += len(stale)
-        return rows
+            return pending.unique[:0]
+        return np.intersect1d(pending.unique, np.concatenate(missed))
+
+    def _tensor(self, rows: np.ndarray) -> torch.Tensor:
+        return _to_tensor(rows, self.table_kwargs["dtype"], self._device_probe.device)
 
     # ---- updates ------------------------------------------------------------------------------
 
     def _push(self, unique_ids: np.ndarray, grad: torch.Tensor) -> None:
         """Autograd hook: grad (U, D) is already summed per unique row; ship it."""
         grads = grad.detach().to("cpu", torch.float32).numpy()
+        if self.cache is not None:
+            self.cache.invalidate(torch.from_numpy(unique_ids))
         self._updates.append(unique_ids, self.store.update_async(self.name, unique_ids, grads))
 
     def flush(self) -> None:

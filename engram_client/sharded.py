@@ -88,7 +88,7 @@ class ShardedClient:
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         ids = np.asarray(ids, dtype="<i8").reshape(-1)
-        if self.num_shards == 1:
+        if self.num_shards == 1 or len(ids) == 0:
             return self.shards[0].lookup_async(name, ids)
         unique, inverse = np.unique(ids, return_inverse=True)
         order, parts = split_by_shard(unique, self.num_shards)

@@ -20,8 +20,9 @@ log = logging.getLogger("memstore.rpc")
 
 ERROR_TRAILER = "memstore-error"
 
-# Health checks must answer without credentials (load balancers and kubelet probes have none).
-UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/",)
+# Health checks must answer without credentials (load balancers and kubelet probes have none)
+# and even when the server is saturated (a busy shard is not a dead one).
+HEALTH_METHODS = ("/grpc.health.v1.Health/",)
 
 Guard = Callable[[grpc.aio.ServicerContext, str], AbstractAsyncContextManager]
 
@@ -87,7 +88,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(self, continuation, details):
-        if details.method.startswith(UNAUTHENTICATED_METHODS):
+        if details.method.startswith(HEALTH_METHODS):
             return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
         presented = str(metadata.get("authorization", "")).encode()
@@ -104,6 +105,33 @@ def _refuse(reason: str) -> Guard:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: {reason}")
         yield  # never reached: abort raises
     return refuse
+
+
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
+    """At most `limit` RPCs in progress (health checks exempt); beyond it RESOURCE_EXHAUSTED at once,
+    without the memstore-error trailer, so clients treat it as back-pressure and retry."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0  # touched only on the event loop: no lock needed
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if details.method.startswith(HEALTH_METHODS):
+            return handler
+        return _wrap(handler, self._guard, _method_name(details))
+
+    @asynccontextmanager
+    async def _guard(self, context, method):
+        if self.in_flight >= self.limit:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server busy: {self.in_flight} requests in flight "
+                                f"(max_concurrent_requests={self.limit}); retry with backoff")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -24,8 +24,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memstore.backends import open_backend
-from memstore.config import ServerConfig
-from memstore.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from memstore.config import ConfigError, ServerConfig
+from memstore.interceptors import (AuthInterceptor, ConcurrencyLimitInterceptor, ErrorInterceptor,
+                                   MetricsInterceptor)
 from memstore.metrics import Metrics
 from memstore.servicer import MemStoreServicer
 from memstore.store import ShardLayout, Store
@@ -79,6 +80,14 @@ def build_store(config: ServerConfig) -> Store:
     log.info("opened %s backend at %s: %d tables restored in %.2fs", config.backend, config.data_path,
              len(tables), time.perf_counter() - started)
     layout = ShardLayout(config.resolved_shard_index(), config.shard_count)
+    for table in tables:
+        spec = table.spec
+        if (spec.shard_index, spec.shard_count) != (layout.index, layout.count):
+            backend.close()
+            raise ConfigError(
+                f"table {spec.name!r} in {config.data_path} was created as shard {spec.shard_index} of "
+                f"{spec.shard_count}, but this server is shard {layout.index} of {layout.count}: start it with "
+                "that layout, or reshard offline (`memstore reshard`)")
     return Store(backend, layout, max_rows_per_request=config.max_rows_per_request, read_only=config.read_only)
 
 
@@ -97,12 +106,13 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     store = store or build_store(config)
     metrics = Metrics()
     metrics.watch_store(store)
-    interceptors = [MetricsInterceptor(metrics), ErrorInterceptor()]
+    # Outermost first: refuse unauthenticated calls before counting them, count before timing.
+    interceptors = [ConcurrencyLimitInterceptor(config.max_concurrent_requests), MetricsInterceptor(metrics),
+                    ErrorInterceptor()]
     if config.token:
-        interceptors.insert(0, AuthInterceptor(config.token))  # refuse before doing any work
+        interceptors.insert(0, AuthInterceptor(config.token))
     server = grpc.aio.server(
         interceptors=interceptors,
-        maximum_concurrent_rpcs=config.max_concurrent_requests,  # beyond: RESOURCE_EXHAUSTED
         options=[("grpc.so_reuseport", 0)],  # never share a port with another process by accident
     )
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")

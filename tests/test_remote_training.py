@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram_client.block import EngramBlock
+from engram_client.cache import RowCache
 from engram_client.config import EngramConfig
 from engram_client.hashing import NgramHasher
 from engram_client.host import HostTables
@@ -107,10 +108,11 @@ def memstore_cluster(tmp_path, shards: int, backend: str = "ram"):
             server.stop()
 
 
-def remote_model(client, kind: str, mode: str = "sync") -> TinyLM:
+def remote_model(client, kind: str, mode: str = "sync", cache_bytes: int = 0) -> TinyLM:
     return TinyLM(lambda rows, dim: MemStoreTables(
         client, "engram_l1", rows, dim, optimizer=kind, lr=LR[kind], init="normal",
-        init_scale=INIT.scale, seed=INIT.seed, mode=mode))
+        init_scale=INIT.scale, seed=INIT.seed, mode=mode,
+        cache=RowCache(cache_bytes, dim) if cache_bytes else None))
 
 
 def assert_same_training(local, remote_losses, remote_model_, table_rows: np.ndarray) -> None:
@@ -135,6 +137,21 @@ def test_memstore_training_equals_local_training(tmp_path, kind, shards, prefetc
         losses = train(model, None, batches(), prefetch=prefetch)
         rows = client.lookup("engram_l1", np.arange(model.engram.tables.num_rows))
     assert_same_training(local, losses, model, rows)
+
+
+def test_training_through_the_row_cache_equals_local_training(tmp_path):
+    """Updates invalidate cached rows, so a cache never serves a row the server has changed.
+    (In training every row read is also written, so the cache pays off at inference.)"""
+    local = train_local("adagrad")
+    with memstore_cluster(tmp_path, 2) as client:
+        model = remote_model(client, "adagrad", cache_bytes=64 * 1024)
+        losses = train(model, None, batches(), prefetch=True)
+        rows = client.lookup("engram_l1", np.arange(model.engram.tables.num_rows))
+        assert_same_training(local, losses, model, rows)
+        model.eval()
+        with torch.no_grad():
+            first, again = model(batches()[0]), model(batches()[0])
+    assert model.engram.tables.cache.hits > 0 and torch.equal(first, again)
 
 
 def test_host_tables_equal_local_training():
@@ -184,7 +201,7 @@ def test_prefetch_overlaps_lookups_with_compute(tmp_path):
         with in_process(tmp_path / f"slow{prefetch}", fault_lookup_delay_ms=delay_s * 1e3) as server, \
                 ShardedClient([server.target]) as client:
             model = remote_model(client, "sgd", mode="async")
-            data = batches()
+            data = batches() * 2
             loader = Prefetcher(data, model, depth=2) if prefetch else data
             started = None
             for step, ids in enumerate(loader):

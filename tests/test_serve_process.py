@@ -95,3 +95,14 @@ def test_lmdb_survives_sigkill_with_every_acknowledged_update_applied_once(tmp_p
     with MemStoreClient(srv.target) as client:
         np.testing.assert_array_equal(client.lookup("t", np.arange(rows)), -np.repeat(sent[:, None], dim, 1))
     srv.stop()
+
+
+def test_restart_with_another_shard_layout_is_refused(tmp_path):
+    srv = ServeProcess(tmp_path / "data", "lmdb", "--shard-index", "0", "--shard-count", "2").start()
+    with MemStoreClient(srv.target) as client:
+        client.create_table("t", 100, 4)
+    srv.stop()
+    done = subprocess.run([sys.executable, "-m", "memstore.cli", "serve", "--backend", "lmdb", "--port", "0",
+                           "--data-dir", str(tmp_path / "data"), "--shard-count", "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "created as shard 0 of 2" in done.stderr
