@@ -3,6 +3,7 @@
     memstore serve --backend lmdb --data-dir /data --port 50051
     memstore create-table ngram_l1 --rows 10000000 --dim 64 --dtype float16 --optimizer adam --lr 0.005
     memstore ls | stats | snapshot [TABLE] | describe TABLE | drop-table TABLE | health
+    memstore reshard --from DIR... --to OUT_DIR --shards M      (offline, see memstore/reshard.py)
 
 Client commands find the server with --target (or MEMSTORE_TARGET), default 127.0.0.1:50051.
 """
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("name")
     health = client_command("health", cmd_health, "exit 0 when the server is SERVING")
     health.add_argument("--service", default="")
+
+    from memstore import reshard  # offline: reads and writes data dirs, talks to no server
+    resharder = sub.add_parser("reshard", help="offline: re-split N shards' snapshots into M shards")
+    reshard.add_arguments(resharder)
+    resharder.set_defaults(func=reshard.main)
     return parser
 
 
