@@ -1,0 +1,58 @@
+"""What one `make bench` run measures: sizes, repeats and sections, as one dataclass.
+
+Two presets: the full run (~10 minutes on a 2-core VM) and `--quick` (~1 minute, smaller tables,
+fewer sizes and repeats: a smoke run whose numbers are indicative only). Every field can be
+overridden from the command line (see `bench/__main__.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+SECTIONS = ("lookup", "update", "hashing", "e2e", "scaling", "cache")
+
+
+@dataclass
+class BenchConfig:
+    # Which parts run, in this order.
+    sections: tuple[str, ...] = SECTIONS
+    # Lookup tables: rows x dim. 2M x 64 is 256 MiB in fp16, 512 MiB in fp32: far beyond the
+    # 32 MiB L3, so every gather goes to DRAM like a production table would.
+    rows: int = 2_000_000
+    dim: int = 64
+    dtypes: tuple[str, ...] = ("float16", "float32")
+    lookup_sizes: tuple[int, ...] = (4096, 65536, 524288)   # ids per lookup
+    zipf_size: int = 65536                                   # batch size of the Zipfian runs
+    zipf_s: float = 1.1                                      # exponent: real n-gram traffic is Zipfian
+    rounds: int = 7               # side-by-side rounds: each round times every system once
+    min_sample_s: float = 0.05    # a timed sample repeats a call until it lasts at least this long
+    # Updates: one table per optimizer, `update_rows` rows, `update_size` unique ids per update.
+    update_rows: int = 1_000_000
+    update_size: int = 65536
+    optimizers: tuple[str, ...] = ("sgd", "adagrad", "adam")
+    # Hashing: a [batch, seq_len] token batch with the reference EngramConfig (2 orders x 8 heads).
+    hash_batch: tuple[int, int] = (8, 4096)
+    # End to end: demo GPT steps per round and rounds (interleaved local / memstore).
+    e2e_rounds: int = 5
+    e2e_steps: int = 12
+    e2e_batch: int = 16
+    # Scaling: shard counts over loopback, each a `memstore serve` process.
+    shard_counts: tuple[int, ...] = (1, 2, 4)
+    scaling_sizes: tuple[int, ...] = (65536, 524288)
+    # Cache: capacities as fractions of the table's bytes.
+    cache_fractions: tuple[float, ...] = (0.001, 0.01, 0.05, 0.2)
+    cache_batches: int = 24
+    seed: int = 0
+    plots: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quick(self) -> bool:
+        return self.rows < BenchConfig.rows
+
+
+def quick_config() -> BenchConfig:
+    """~1 minute: one dtype, two sizes, few rounds; tables still exceed the L3 cache."""
+    return replace(BenchConfig(), rows=500_000, dtypes=("float16",), lookup_sizes=(4096, 65536),
+                   rounds=3, min_sample_s=0.02, update_rows=200_000, update_size=16384,
+                   e2e_rounds=2, e2e_steps=6, e2e_batch=8, shard_counts=(1, 2), scaling_sizes=(65536,),
+                   cache_fractions=(0.01, 0.1), cache_batches=8)
