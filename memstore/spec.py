@@ -27,6 +27,10 @@ OPTIMIZERS: dict[str, dict[str, float]] = {
     "adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
 }
 
+# arg → (low, high, low allowed): eps > 0 (0/0 for a zero gradient), betas < 1 (Adam divides by 1 - beta^t).
+_ARG_RANGES = {"eps": (0.0, 1e6, False), "initial_accumulator_value": (0.0, 1e6, True),
+               "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True)}
+
 
 def check_table_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
@@ -70,6 +74,11 @@ class OptimizerSpec:
                 f"it takes {sorted(OPTIMIZERS[self.kind]) or 'no extra arguments'}")
         # Fill defaults so two specs that mean the same thing compare equal.
         object.__setattr__(self, "args", {**OPTIMIZERS[self.kind], **{k: float(v) for k, v in self.args.items()}})
+        for name, value in self.args.items():  # a NaN eps or beta1=1 would turn every updated row into NaN
+            low, high, closed = _ARG_RANGES[name]
+            if not (low < value < high or (closed and value == low)):
+                raise InvalidArgument(f"optimizer arg {name} must be in {'[' if closed else '('}{low:g}, {high:g}), "
+                                      f"got {value}")
 
     def arg(self, name: str) -> float:
         return self.args[name]
