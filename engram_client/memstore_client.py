@@ -33,8 +33,10 @@ from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import sum_duplicates
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
+from memstore.wire import decode_lookup_chunk
 
 T = TypeVar("T")
+MIN_IDS_PER_CALL = 16384  # below this, splitting a lookup costs more than it overlaps
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
@@ -76,6 +78,7 @@ class MemStoreClient:
         self.retry_timeout_s = retry_timeout_s
         self.client_id = client_id or uuid.uuid4().hex
         self.max_ids_per_call = max_ids_per_call
+        self.parallel_calls = parallel_calls
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", 8 << 20)]
         if isinstance(tls, TlsConfig) and tls.server_name:
@@ -86,6 +89,10 @@ class MemStoreClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.MemStoreStub(self._channel)
+        # Lookup answers are read without building protobuf objects (see memstore.wire).
+        self._lookup_raw = self._channel.unary_stream(
+            "/memstore.v1.MemStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString,
+            response_deserializer=None)
         self._lookup_pool = ThreadPoolExecutor(parallel_calls, thread_name_prefix="memstore-lookup")
         self._async_pool = ThreadPoolExecutor(4, thread_name_prefix="memstore-async")
         self._update_sender = ThreadPoolExecutor(1, thread_name_prefix="memstore-update")  # keeps order
@@ -122,10 +129,13 @@ class MemStoreClient:
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows [len(ids), dim] in the table's storage dtype, in the order of `ids`."""
         ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
-        if len(ids) <= self.max_ids_per_call:
+        # Large batches go as `parallel_calls` calls at once: the server gathers one while it
+        # streams the other (LIMITS.md: two calls in flight is where loopback gRPC peaks).
+        parts = max(-(-len(ids) // self.max_ids_per_call), min(self.parallel_calls, len(ids) // MIN_IDS_PER_CALL))
+        if parts <= 1:
             return self._lookup_part(name, ids)
-        parts = [ids[i:i + self.max_ids_per_call] for i in range(0, len(ids), self.max_ids_per_call)]
-        return np.concatenate(list(self._lookup_pool.map(lambda p: self._lookup_part(name, p), parts)))
+        pieces = np.array_split(ids, parts)
+        return np.concatenate(list(self._lookup_pool.map(lambda p: self._lookup_part(name, p), pieces)))
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows."""
@@ -139,11 +149,12 @@ class MemStoreClient:
     def _receive_rows(self, request: pb.LookupRequest, n: int) -> np.ndarray:
         out = None
         try:
-            for chunk in self._stub.Lookup(request, timeout=self.timeout_s, metadata=self._metadata):
+            for message in self._lookup_raw(request, timeout=self.timeout_s, metadata=self._metadata):
+                payload, row_offset, dtype, dim = decode_lookup_chunk(message)
                 if out is None:
-                    out = np.empty((n, chunk.dim), dtype=storage_dtype(PB_TO_DTYPE[chunk.dtype]))
-                rows = np.frombuffer(chunk.rows, dtype=out.dtype).reshape(-1, chunk.dim)
-                out[chunk.row_offset:chunk.row_offset + len(rows)] = rows
+                    out = np.empty((n, dim), dtype=storage_dtype(PB_TO_DTYPE[dtype]))
+                rows = np.frombuffer(payload, dtype=out.dtype).reshape(-1, dim)
+                out[row_offset:row_offset + len(rows)] = rows
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
         return out

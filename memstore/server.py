@@ -28,10 +28,9 @@ from memstore.config import ConfigError, ServerConfig
 from memstore.interceptors import (AuthInterceptor, ConcurrencyLimitInterceptor, ErrorInterceptor,
                                    MetricsInterceptor)
 from memstore.metrics import Metrics
-from memstore.servicer import MemStoreServicer
+from memstore.servicer import MemStoreServicer, add_to_server
 from memstore.store import ShardLayout, Store
 from memstore.v1 import memstore_pb2 as pb
-from memstore.v1 import memstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger("memstore.server")
 
@@ -116,7 +115,7 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
         options=[("grpc.so_reuseport", 0)],  # never share a port with another process by accident
     )
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
-    pb_grpc.add_MemStoreServicer_to_server(MemStoreServicer(
+    add_to_server(MemStoreServicer(
         store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -10,6 +10,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, TypeVar
 
+import grpc
 import numpy as np
 
 from memstore import __version__
@@ -19,6 +20,7 @@ from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import GRAD_DTYPE, ID_DTYPE, Store, TableView, parse_grads, parse_ids
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
+from memstore.wire import encode_lookup_chunk
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB per streamed message: well inside gRPC's default 4 MiB limit
 
@@ -49,6 +51,35 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
                         bytes_used=view.bytes_used, lookups=view.counters.lookups,
                         updates=view.counters.updates, shard_index=view.spec.shard_index,
                         shard_count=view.spec.shard_count)
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MemStore"]
+PRE_ENCODED_RESPONSES = {"Lookup"}  # handlers that yield serialised bytes themselves
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+}
+
+
+def rpc_method_handlers(servicer: "MemStoreServicer") -> dict[str, grpc.RpcMethodHandler]:
+    """The generated registration, except that pre-encoded responses skip protobuf serialisation."""
+    handlers = {}
+    for method in SERVICE.methods:
+        response_type = getattr(pb, method.output_type.name)
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=None if method.name in PRE_ENCODED_RESPONSES else response_type.SerializeToString)
+    return handlers
+
+
+def add_to_server(servicer: "MemStoreServicer", server: grpc.aio.Server) -> None:
+    handlers = rpc_method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class MemStoreServicer(pb_grpc.MemStoreServicer):
@@ -96,7 +127,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     # ---- data path ----------------------------------------------------------------------------
 
-    async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[pb.LookupChunk]:
+    async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[bytes]:
+        """Streams serialised LookupChunk messages (encoded by hand: see memstore.wire)."""
         dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
         if self.lookup_delay_s:
             await asyncio.sleep(self.lookup_delay_s)
@@ -105,15 +137,14 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         self.metrics.rows.labels("Lookup", request.table).inc(n)
         self.metrics.bytes.labels("Lookup", request.table).inc(rows.nbytes)
         if n == 0:
-            yield pb.LookupChunk(rows=b"", row_offset=0, dtype=dtype, dim=dim)
+            yield encode_lookup_chunk(b"", 0, dtype, dim)
             return
         row_bytes = rows.strides[0]
         rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
         payload = memoryview(rows).cast("B")
         for start in range(0, n, rows_per_chunk):
             stop = min(n, start + rows_per_chunk)
-            yield pb.LookupChunk(rows=bytes(payload[start * row_bytes:stop * row_bytes]), row_offset=start,
-                                 dtype=dtype, dim=dim)
+            yield encode_lookup_chunk(payload[start * row_bytes:stop * row_bytes], start, dtype, dim)
 
     async def Update(self, request_iterator, context) -> pb.UpdateResponse:
         first = await anext(aiter(request_iterator), None)
