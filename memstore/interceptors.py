@@ -5,6 +5,7 @@ its behaviour for the three RPC shapes memstore uses (unary-unary, unary-stream,
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Callable
 
 import grpc
 
-from memstore.errors import MemStoreError
+from memstore.errors import InvalidArgument, MemStoreError, ResourceExhausted
 from memstore.metrics import Metrics
 
 log = logging.getLogger("memstore.rpc")
@@ -57,18 +58,31 @@ def _wrap(handler: grpc.RpcMethodHandler | None, guard: Guard, method: str):
     return handler  # stream-stream: not used by memstore
 
 
+# A write that failed for lack of space: a full disk, a quota, a file size limit.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps `MemStoreError` subclasses to their status code; anything else becomes INTERNAL
-    (logged with its traceback) so one bad request never takes the server down."""
+    """Maps `MemStoreError` subclasses to their status code, and running out of memory or disk
+    space to RESOURCE_EXHAUSTED; anything else becomes INTERNAL (logged with its traceback) so
+    one bad request never takes the server down. Requests that do not parse are INVALID_ARGUMENT."""
 
     async def intercept_service(self, continuation, details):
-        return _wrap(await continuation(details), self._guard, _method_name(details))
+        return _wrap(_parse_in_handler(await continuation(details)), self._guard, _method_name(details))
 
     @staticmethod
     @asynccontextmanager
     async def _guard(context, method):
         try:
-            yield
+            try:
+                yield
+            except MemoryError:
+                raise ResourceExhausted(f"{method}: not enough memory for this request; send fewer rows") from None
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                raise ResourceExhausted(f"{method}: out of disk space ({exc.strerror}); nothing was written "
+                                        "(free space or raise the quota, then retry)") from None
         except MemStoreError as exc:
             # The trailer tells clients this is our verdict on the request (e.g. too large),
             # not transient back-pressure from gRPC itself: retrying will not help.
@@ -79,6 +93,52 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         except Exception:  # noqa: BLE001 - the boundary: log it, answer INTERNAL, keep serving
             log.exception("internal error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server log")
+
+
+class _Unparsable:
+    """What a request that is not a valid protobuf message deserializes to."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _parse_in_handler(handler: grpc.RpcMethodHandler | None):
+    """A copy of `handler` whose requests fail to parse inside the handler, as InvalidArgument.
+
+    A deserializer that raises makes gRPC answer UNKNOWN (INTERNAL for a stream) and log a
+    traceback: the client cannot tell its garbage from a server bug."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    parse = handler.request_deserializer
+
+    def tolerant(raw: bytes):
+        try:
+            return parse(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: refused in `checked`
+            return _Unparsable(exc)
+
+    def checked(request):
+        if isinstance(request, _Unparsable):
+            raise InvalidArgument(f"request is not a valid protobuf message: {request.error}")
+        return request
+
+    if handler.unary_unary:
+        async def unary_unary(request, context):
+            return await handler.unary_unary(checked(request), context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, tolerant, handler.response_serializer)
+    if handler.unary_stream:
+        async def unary_stream(request, context):
+            async for item in handler.unary_stream(checked(request), context):
+                yield item
+        return grpc.unary_stream_rpc_method_handler(unary_stream, tolerant, handler.response_serializer)
+    if handler.stream_unary:
+        async def stream_unary(request_iterator, context):
+            async def requests():
+                async for request in request_iterator:
+                    yield checked(request)
+            return await handler.stream_unary(requests(), context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, tolerant, handler.response_serializer)
+    return handler
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
