@@ -145,8 +145,8 @@ class Store:
         """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim]."""
         self._check_writable("Update")
         table = self.backend.get(name)
-        if len(client_id) > 256:
-            raise InvalidArgument(f"client_id is {len(client_id)} characters; at most 256")
+        if len(client_id.encode()) > 256:  # bytes, not characters: LMDB keys hold at most 511 bytes
+            raise InvalidArgument(f"client_id is {len(client_id.encode())} bytes in UTF-8; at most 256")
         if client_id and seq <= 0:
             raise InvalidArgument("seq must be > 0 when client_id is set (it orders a client's updates)")
         if grads.shape != (len(ids), table.spec.dim):
