@@ -162,10 +162,6 @@ class LmdbTable(Table):
                         return self._update_txn(ids, keys, grads, client_id, seq)
                 except lmdb.MapFullError:
                     self._grow(self._map_size() * 2)  # the txn was aborted; retry in a bigger map
-                except lmdb.DiskError as exc:
-                    raise ResourceExhausted(
-                        f"table {self.spec.name!r}: disk full under {self.path} ({exc}); "
-                        "the update was not applied") from None
 
     def _update_txn(self, ids: np.ndarray, keys: list[bytes], grads: np.ndarray,
                     client_id: str, seq: int) -> bool:
@@ -182,7 +178,14 @@ class LmdbTable(Table):
                 txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)))
             if client_id:
                 self._record_seq(txn, client_id, seq)
-            txn.commit()
+            try:
+                txn.commit()
+            except lmdb.MapFullError:
+                raise
+            except lmdb.Error as exc:  # a full disk shows up as a short write (EIO) or ENOSPC
+                raise ResourceExhausted(
+                    f"table {self.spec.name!r}: cannot write under {self.path}, is the disk full? ({exc}); "
+                    "the update was not applied") from None
             return True
         except BaseException:
             txn.abort()
