@@ -12,6 +12,21 @@ SECTIONS = ("lookup", "update", "hashing", "e2e", "scaling", "cache")
 
 
 @dataclass
+class E2EShape:
+    """The end-to-end model. Default: the demo's GPT (4 layers x 256, T=128, BPE vocabulary 4096)
+    with an Engram block in layer index 1: 2-grams and 3-grams, 4 heads each of ~100k rows x 32
+    (~800k rows, ~100 MiB fp32)."""
+    vocab_size: int = 4096
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    table_rows: int = 100_003      # target rows per head (the next unused prime is taken)
+    heads_per_ngram: int = 4
+    embed_per_ngram: int = 128     # row width = embed_per_ngram // heads_per_ngram
+
+
+@dataclass
 class BenchConfig:
     # Which parts run, in this order.
     sections: tuple[str, ...] = SECTIONS
@@ -32,8 +47,9 @@ class BenchConfig:
     # Hashing: a [batch, seq_len] token batch with the reference EngramConfig (2 orders x 8 heads).
     hash_batch: tuple[int, int] = (8, 4096)
     # End to end: demo GPT steps per round and rounds (interleaved local / memstore).
-    e2e_rounds: int = 5
-    e2e_steps: int = 12
+    e2e_shape: E2EShape = field(default_factory=E2EShape)
+    e2e_rounds: int = 4
+    e2e_steps: int = 10
     e2e_batch: int = 16
     # Scaling: shard counts over loopback, each a `memstore serve` process.
     shard_counts: tuple[int, ...] = (1, 2, 4)
@@ -45,14 +61,12 @@ class BenchConfig:
     plots: bool = True
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def quick(self) -> bool:
-        return self.rows < BenchConfig.rows
-
 
 def quick_config() -> BenchConfig:
     """~1 minute: one dtype, two sizes, few rounds; tables still exceed the L3 cache."""
     return replace(BenchConfig(), rows=500_000, dtypes=("float16",), lookup_sizes=(4096, 65536),
                    rounds=3, min_sample_s=0.02, update_rows=200_000, update_size=16384,
+                   e2e_shape=E2EShape(vocab_size=1024, block_size=64, n_layer=2, n_head=2, n_embd=64,
+                                      table_rows=10_007, embed_per_ngram=64),
                    e2e_rounds=2, e2e_steps=6, e2e_batch=8, shard_counts=(1, 2), scaling_sizes=(65536,),
                    cache_fractions=(0.01, 0.1), cache_batches=8)
