@@ -66,7 +66,8 @@ def _from_string(text: str, where: str) -> list[str]:
     if "{i}" in text:
         return _checked(_expand_pattern(text, where), where)
     if "*" in text:
-        raise ClusterSpecError(f"{where}: '*count' needs a pattern with {{i}}, e.g. memstore-{{i}}.svc:50051*3")
+        raise ClusterSpecError(f"{where}: '*count' needs a pattern with {{i}}, "
+                               "e.g. memstore-{i}.svc:50051*3")
     return _checked([t.strip() for t in text.split(",")], where)
 
 
@@ -91,13 +92,15 @@ def _from_file(path: Path) -> list[str]:
         raise ClusterSpecError(f"cannot read cluster file {path}: {exc.strerror}") from None
     data = _parse_file(path, raw)
     if not isinstance(data, dict):
-        raise ClusterSpecError(f"cluster file {path}: expected a mapping with key 'shards', got {type(data).__name__}")
+        raise ClusterSpecError(f"cluster file {path}: expected a mapping with key 'shards', "
+                               f"got {type(data).__name__}")
     unknown = set(data) - CLUSTER_FILE_KEYS
     if unknown:
         raise ClusterSpecError(f"cluster file {path}: unknown keys {sorted(unknown)}; "
                                f"allowed: {sorted(CLUSTER_FILE_KEYS)}")
     if "shards" not in data:
-        raise ClusterSpecError(f"cluster file {path}: missing key 'shards' (a list of host:port, or a pattern)")
+        raise ClusterSpecError(f"cluster file {path}: missing key 'shards' "
+                               "(a list of host:port, or a pattern)")
     shards = data["shards"]
     where = f"cluster file {path}: shards"
     if isinstance(shards, str):

@@ -59,7 +59,7 @@ class ReshardError(FailedPrecondition):
 @dataclass(frozen=True)
 class ReshardConfig:
     """One reshard run; the fields are the CLI flags."""
-    sources: tuple[Path, ...]       # data dirs of the N input shards, any order (each snapshot says its shard)
+    sources: tuple[Path, ...]       # data dirs of the N input shards, any order (snapshots say which)
     out_dir: Path                   # receives shard-0 .. shard-(M-1); must be absent or empty
     shards: int                     # M, the new shard count
     tables: tuple[str, ...] = ()    # tables to reshard; () = every table found
@@ -105,11 +105,13 @@ def reshard_table(config: ReshardConfig, name: str, log: Log) -> TableReport:
     inputs = _open_inputs(config, name, verify=True, log=lambda _: None)  # warnings came in the check pass
     source = RowSource(inputs)
     log(f"{name}: {len(source):,} rows from {len(inputs)} shards → {config.shards} shards")
-    checksum_in = table_checksum(source, config.chunk_rows, Progress(log, f"{name}: checksum of inputs", len(source)))
+    checksum_in = table_checksum(source, config.chunk_rows,
+                                 Progress(log, f"{name}: checksum of inputs", len(source)))
     dedup = merge_dedup([snap.dedup for snap in inputs])
     outputs = write_shards(config, source, dedup, log)
     written = RowSource([read_snapshot(path) for path in outputs])  # read back, file checksums verified
-    checksum_out = table_checksum(written, config.chunk_rows, Progress(log, f"{name}: checksum of outputs", len(written)))
+    checksum_out = table_checksum(written, config.chunk_rows,
+                                  Progress(log, f"{name}: checksum of outputs", len(written)))
     if checksum_out != checksum_in:
         raise ReshardError(f"table {name!r}: outputs do not hold the input rows (checksum {checksum_out}, "
                            f"expected {checksum_in}); outputs left in {config.out_dir} for inspection")
@@ -117,8 +119,9 @@ def reshard_table(config: ReshardConfig, name: str, log: Log) -> TableReport:
         for j, path in enumerate(outputs):
             log(f"{name}: building the LMDB table of shard {j}")
             import_into_lmdb(config.out_dir / f"shard-{j}", path, config.chunk_rows)
-    return TableReport(name, [len(s.ids) for s in inputs], [len(s.ids) for s in written.snaps],
-                       checksum_in, checksum_out, len(dedup), [str(s.path) for s in inputs], [str(p) for p in outputs])
+    return TableReport(name, rows_in=[len(s.ids) for s in inputs], rows_out=[len(s.ids) for s in written.snaps],
+                       checksum_in=checksum_in, checksum_out=checksum_out, clients=len(dedup),
+                       sources=[str(s.path) for s in inputs], outputs=[str(p) for p in outputs])
 
 
 def write_shards(config: ReshardConfig, source: RowSource, dedup: dict[str, int], log: Log) -> list[Path]:
@@ -170,7 +173,8 @@ class RowSource:
                 state[mine] = snap.state[local]
         return self.ids[positions], rows, state
 
-    def chunks(self, positions: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def chunks(self, positions: np.ndarray, chunk_rows: int) -> Iterator[tuple[np.ndarray, ...]]:
+        """`gather` over `positions`, `chunk_rows` at a time."""
         for start in range(0, len(positions), chunk_rows):
             yield self.gather(positions[start:start + chunk_rows])
 
@@ -222,7 +226,8 @@ def _open_inputs(config: ReshardConfig, name: str, verify: bool, log: Log) -> li
                            "pass the data dirs of all shards of one layout")
     snaps.sort(key=lambda s: s.spec.shard_index)
     if [s.spec.shard_index for s in snaps] != list(range(count)):
-        raise ReshardError(f"table {name!r}: the snapshots are not shards 0..{count - 1} once each: {_fmt(where)}")
+        raise ReshardError(f"table {name!r}: the snapshots are not shards 0..{count - 1} once each: "
+                           f"{_fmt(where)}")
     for snap in snaps[1:]:
         diff = _spec_diff(snaps[0].spec, snap.spec)
         if diff:
@@ -252,7 +257,8 @@ def _created(path: Path) -> datetime:
 def _warn_if_stale(source: Path, snap: Snapshot, log: Log) -> None:
     """An LMDB table written after its snapshot holds updates the reshard would not carry."""
     data_file = source / "tables" / snap.spec.name / "data.mdb"
-    if data_file.exists() and data_file.stat().st_mtime > datetime.fromisoformat(snap.created).timestamp() + 1.0:
+    snapshot_time = datetime.fromisoformat(snap.created).timestamp()
+    if data_file.exists() and data_file.stat().st_mtime > snapshot_time + 1.0:
         log(f"warning: {data_file} changed after snapshot {snap.path}: updates since that snapshot are "
             "not in the output (stop training, snapshot again, then reshard)")
 
@@ -323,8 +329,9 @@ def import_into_lmdb(data_dir: Path, snapshot_path: Path, chunk_rows: int = CHUN
             keys = row_keys(local_ids[part])
             with table._env.begin(write=True) as txn:  # ascending keys: append=True skips the search
                 txn.cursor(db=table._rows_db).putmulti(zip(keys, row_values(snap.rows[part])), append=True)
-                if snap.state.shape[1]:
-                    txn.cursor(db=table._state_db).putmulti(zip(keys, row_values(snap.state[part])), append=True)
+                if snap.state.shape[1]:  # sgd keeps no state
+                    state = row_values(snap.state[part])
+                    txn.cursor(db=table._state_db).putmulti(zip(keys, state), append=True)
         with table._env.begin(write=True) as txn:
             for client_id, seq in snap.dedup.items():  # oldest first, the order the table keeps
                 table._record_seq(txn, client_id, seq)

@@ -164,8 +164,9 @@ def test_merged_dedup_memory_keeps_the_most_recent_clients():
     assert merge_dedup(memories, max_clients=2) == {"c": 9, "d": 1}  # the newest of each shard
 
 
-def test_lmdb_output_serves_the_same_rows_state_and_dedup(tmp_path):
-    spec = make_spec("adagrad", "bfloat16")
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_lmdb_output_serves_the_same_rows_state_and_dedup(tmp_path, optimizer):
+    spec = make_spec(optimizer, "bfloat16")
     sources = trained_cluster(tmp_path, 3, spec)
     reshard(config(sources, tmp_path / "out", 2, backend="lmdb"), log=lambda _: None)
     outputs = [tmp_path / "out" / f"shard-{j}" for j in range(2)]
