@@ -255,10 +255,10 @@ def _created(path: Path) -> datetime:
 
 
 def _warn_if_stale(source: Path, snap: Snapshot, log: Log) -> None:
-    """An LMDB table written after its snapshot holds updates the reshard would not carry."""
+    """An LMDB table written after its snapshot holds updates the reshard would not carry
+    (best effort: a write that races the snapshot itself can carry an earlier mtime)."""
     data_file = source / "tables" / snap.spec.name / "data.mdb"
-    snapshot_time = datetime.fromisoformat(snap.created).timestamp()
-    if data_file.exists() and data_file.stat().st_mtime > snapshot_time + 1.0:
+    if data_file.exists() and data_file.stat().st_mtime > datetime.fromisoformat(snap.created).timestamp():
         log(f"warning: {data_file} changed after snapshot {snap.path}: updates since that snapshot are "
             "not in the output (stop training, snapshot again, then reshard)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -181,6 +182,29 @@ def test_lmdb_output_serves_the_same_rows_state_and_dedup(tmp_path, optimizer):
             "client-0": 4, "client-1": 4, "client-2": 4}
     for got, want in zip(merged_snapshot(outputs, "emb"), ram_view):
         np.testing.assert_array_equal(got, want)
+
+
+def test_lmdb_inputs_and_a_warning_for_updates_after_the_snapshot(tmp_path):
+    spec = make_spec("rowwise_adagrad")
+    dirs = [tmp_path / f"in{i}" for i in range(2)]
+    stores = open_shards(dirs, LmdbBackend)
+    for store in stores:
+        store.create_table(spec)
+    train(stores, spec)
+    expected = lookup_all(stores, "emb")
+    for store in stores:
+        store.snapshot("emb")
+    time.sleep(0.05)  # file times tick coarsely
+    stores[1].update("emb", np.array([1]), np.ones((1, DIM), np.float32), "late", 1)  # not in the snapshot
+    for store in stores:
+        store.backend.close()
+    messages: list[str] = []
+    reshard(config(dirs, tmp_path / "out", 3), log=messages.append)
+    warnings = [m for m in messages if m.startswith("warning:")]
+    assert len(warnings) == 1  # shard 1 only
+    assert warnings[0].startswith(f"warning: {dirs[1]}/tables/emb/data.mdb changed after snapshot")
+    resharded = open_shards([tmp_path / "out" / f"shard-{j}" for j in range(3)])
+    np.testing.assert_array_equal(lookup_all(resharded, "emb"), expected)  # the snapshotted state
 
 
 def test_before_picks_an_older_snapshot(tmp_path):
