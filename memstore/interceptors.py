@@ -1,7 +1,8 @@
 """Cross-cutting server behaviour, each in one place: errors → status codes, auth, metrics.
 
 grpc.aio interceptors can only swap a method's handler, so `_wrap` rebuilds a handler around
-its behaviour for the three RPC shapes memstore uses (unary-unary, unary-stream, stream-unary).
+its behaviour for each RPC shape (memstore's unary-unary, unary-stream and stream-unary, and
+server reflection's stream-stream).
 """
 from __future__ import annotations
 
@@ -55,7 +56,14 @@ def _wrap(handler: grpc.RpcMethodHandler | None, guard: Guard, method: str):
                 return await handler.stream_unary(request_iterator, context)
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer)
-    return handler  # stream-stream: not used by memstore
+    if handler.stream_stream:  # server reflection: it must need the token too
+        async def stream_stream(request_iterator, context):
+            async with guard(context, method):
+                async for item in handler.stream_stream(request_iterator, context):
+                    yield item
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer)
+    return handler
 
 
 # A write that failed for lack of space: a full disk, a quota, a file size limit.
