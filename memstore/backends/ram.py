@@ -28,8 +28,10 @@ may exceed RAM (the OS pages it out); those files are scratch, rebuilt from snap
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,15 @@ def _allocate(spec: TableSpec, memmap_dir: Path | None) -> _Arrays:
     return _Arrays(**arrays)
 
 
+_APPLY_THREADS = min(4, os.cpu_count() or 1)
+_APPLY_POOL = ThreadPoolExecutor(_APPLY_THREADS, thread_name_prefix="memstore-apply")
+_ROWS_PER_THREAD = 16384  # smaller batches are not worth a thread hop
+
+
+def _parts(rows: int) -> int:
+    return max(1, min(_APPLY_THREADS, rows // _ROWS_PER_THREAD))
+
+
 class RamTable(Table):
     def __init__(self, spec: TableSpec, arrays: _Arrays, dedup: DedupMemory,
                  memmap_dir: Path | None = None):
@@ -149,25 +160,36 @@ class RamTable(Table):
             self._check_alive()
             if self._dedup.is_duplicate(client_id, seq):
                 return False
-            a, opt = self._a, self.spec.optimizer
-            fresh = ~a.materialized[ids]                                          # (n,)
-            stored = np.take(a.rows, ids, axis=0)                                 # (n, dim)
-            state = np.take(a.state, ids, axis=0)                                 # (n, width)
-            new_ids = ids[fresh]
-            if len(new_ids):
-                stored[fresh] = self._initial_stored(new_ids)
-                state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
-            rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
-            optimizers.step(opt, rows, state, grads)
+            # ids are unique, so slices of the batch touch disjoint rows: big batches are stepped
+            # on several threads at once (numpy releases the GIL in gathers and arithmetic).
+            bounds = np.linspace(0, len(ids), _parts(len(ids)) + 1).astype(int)
+            parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            new_ids = [ids[part][fresh] for part, fresh in
+                       zip(parts, _APPLY_POOL.map(lambda p: self._step_rows(ids[p], grads[p]), parts))]
             # Rows and state first, flags last: a concurrent lookup trusts a set flag.
-            a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
-            a.state[ids] = state
+            new_ids = np.concatenate(new_ids) if new_ids else ids[:0]
             if len(new_ids):
-                a.materialized[new_ids] = True
+                self._a.materialized[new_ids] = True
                 self._count += len(new_ids)
             self._dedup.record(client_id, seq)
             self._version += 1
             return True
+
+    def _step_rows(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Gather, step and scatter rows + state of `ids`; returns the mask of rows that were fresh."""
+        a, opt = self._a, self.spec.optimizer
+        fresh = ~a.materialized[ids]                                          # (n,)
+        stored = np.take(a.rows, ids, axis=0)                                 # (n, dim)
+        state = np.take(a.state, ids, axis=0)                                 # (n, width)
+        new_ids = ids[fresh]
+        if len(new_ids):
+            stored[fresh] = self._initial_stored(new_ids)
+            state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
+        rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
+        optimizers.step(opt, rows, state, grads)
+        a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
+        a.state[ids] = state
+        return fresh
 
     def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
         """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
