@@ -52,9 +52,10 @@ def engram_config(shape: E2EShape) -> EngramConfig:
 class Variant:
     """One model and its optimizers; `steps(batches)` trains and returns per-step seconds."""
 
-    def __init__(self, name: str, tables, shape: E2EShape, hasher: NgramHasher, server_pid: int | None = None):
+    def __init__(self, name: str, tables, shape: E2EShape, hasher: NgramHasher, threads: int,
+                 server_pid: int | None = None):
         from demo.model import GPT, GPTConfig  # the demo's model: the bench measures what users run
-        self.name, self.server_pid = name, server_pid
+        self.name, self.threads, self.server_pid = name, threads, server_pid
         gpt = GPTConfig(vocab_size=shape.vocab_size, block_size=shape.block_size, n_layer=shape.n_layer,
                         n_head=shape.n_head, n_embd=shape.n_embd, engram_layer=1)
         config = hasher.config
@@ -70,6 +71,7 @@ class Variant:
         self.server_cpu_s = 0.0
 
     def steps(self, batches: list[dict]) -> None:
+        torch.set_num_threads(self.threads)
         loader = Prefetcher(batches, self.model, depth=2) if self.remote else batches
         cpu_before = cpu_seconds(self.server_pid)
         times, last = [], time.perf_counter()
@@ -123,17 +125,26 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(MemstoreServer(work / "ram", "ram"))
         client = stack.enter_context(MemStoreClient(server.target))
-        variants = [Variant(LOCAL, LocalTables(rows, dim, sparse=True, init_std=0.02), shape, hasher)]
+        cores = len(os.sched_getaffinity(0))
+        threads = max(1, cores - 1)  # one core for the client's and the server's threads
+        local = lambda: LocalTables(rows, dim, sparse=True, init_std=0.02)  # noqa: E731
+        variants = [Variant(LOCAL, local(), shape, hasher, threads)]
+        if threads < cores:
+            variants.append(Variant(f"local, {cores} threads", local(), shape, hasher, cores))
         for name, mode in modes.items():
             tables = MemStoreTables(client, f"e2e_{mode}", rows, dim, dtype="float32", optimizer="adam", lr=TABLE_LR,
                                     init="normal", init_scale=0.02, seed=0, mode=mode)
-            variants.append(Variant(name, tables, shape, hasher, server.pid))
+            variants.append(Variant(name, tables, shape, hasher, threads, server.pid))
         rng = np.random.default_rng(cfg.seed)
         zipf = ZipfIds(shape.vocab_size, cfg.zipf_s, cfg.seed)
-        for _ in range(cfg.e2e_rounds):
-            batches = token_batches(shape, cfg.e2e_batch, cfg.e2e_steps + WARMUP_STEPS, rng, zipf)
-            for variant in variants:
-                variant.steps(batches)
+        threads_before = torch.get_num_threads()
+        try:
+            for _ in range(cfg.e2e_rounds):
+                batches = token_batches(shape, cfg.e2e_batch, cfg.e2e_steps + WARMUP_STEPS, rng, zipf)
+                for variant in variants:
+                    variant.steps(batches)
+        finally:
+            torch.set_num_threads(threads_before)
         report(section, variants, cfg)
     return section
 
@@ -157,6 +168,9 @@ def report(section: Section, variants: list[Variant], cfg: BenchConfig) -> None:
                               "rows wait ms": f"{wait:.1f}" if v.remote else "-",
                               "server CPU ms/step": f"{server_ms:.1f}" if v.remote else "-"})
     section.notes.append(f"{cfg.e2e_rounds} interleaved rounds x {cfg.e2e_steps} timed steps per variant; "
-                         f"torch uses {torch.get_num_threads()} threads; server: RAM backend, table materialised.")
+                         f"torch uses {variants[0].threads} thread(s) unless the name says otherwise (a core is "
+                         "left to the memstore client and server: with all cores busy in torch, its spinning OpenMP "
+                         "threads stall for 100s of ms whenever the server runs); server: RAM backend, table "
+                         "materialised.")
     section.notes.append("The server runs on the same cores as training here: its CPU time per step is a direct "
                          "cost that a GPU trainer with idle host cores would not pay.")
