@@ -12,6 +12,11 @@ Big-endian keys make LMDB's byte order the numeric order, so a batch of sorted i
 B-tree left to right. A row that was never written has no key and reads as its deterministic
 initial value, so untouched rows cost no disk.
 
+Snapshots (`<data_dir>/snapshots/<name>/`, the portable format) are exports for backups and
+resharding. At start, a table with snapshots but no `tables/<name>/` is rebuilt from its newest
+snapshot that verifies, as the RAM backend restores every table: restoring a backup is the same
+on both backends.
+
 Consistency: a lookup reads in ONE read transaction (MVCC), so it sees each update entirely or
 not at all, and never waits for a writer. An update reads the rows, applies the optimizer and
 writes rows + state + the dedup record in ONE write transaction: a crash leaves it fully applied
@@ -34,7 +39,8 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import islice, repeat
 from pathlib import Path
@@ -48,13 +54,22 @@ from memstore.backends.base import Backend, Table, TableUsage
 from memstore.backends.common import MAX_CLIENTS, SNAPSHOTS_DIR, DataDirLock, is_duplicate
 from memstore.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from memstore.init import init_rows
-from memstore.snapshot import SnapshotWriter, new_snapshot_path, prune_snapshots
+from memstore.snapshot import (
+    CorruptSnapshot,
+    Snapshot,
+    SnapshotWriter,
+    list_snapshots,
+    new_snapshot_path,
+    prune_snapshots,
+    read_snapshot,
+)
 from memstore.spec import TableSpec
 
 log = logging.getLogger("memstore.backends.lmdb")
 
 TABLES_DIR = "tables"
-SNAPSHOT_CHUNK_ROWS = 1 << 16
+SNAPSHOT_CHUNK_ROWS = 1 << 16  # rows per step when streaming a snapshot out or in
+_RESTORE_PREFIX = ".restore-"  # tables/.restore-<name>-<id>: a restore in progress (names start alnum)
 _SPEC_KEY = b"spec"
 _DEDUP_VALUE = struct.Struct(">QQ")  # last seq, age
 _AGE_KEY = struct.Struct(">Q")
@@ -83,6 +98,15 @@ def decode_values(values: list[bytes | None], dtype: np.dtype, width: int) -> tu
     out = np.empty((n, width), dtype)
     out[~missing] = found
     return out, missing
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Gate:
@@ -155,29 +179,40 @@ class LmdbTable(Table):
         keys = row_keys(ids)
         with self._write_lock:
             self._check_usable()
-            self._reserve(len(ids))
-            while True:
-                try:
-                    with self._gate.shared():
-                        return self._update_txn(ids, keys, grads, client_id, seq)
-                except lmdb.MapFullError:
-                    self._grow(self._map_size() * 2)  # the txn was aborted; retry in a bigger map
+            return self._write(len(ids), lambda txn: self._update_body(txn, ids, keys, grads, client_id, seq))
 
-    def _update_txn(self, ids: np.ndarray, keys: list[bytes], grads: np.ndarray,
-                    client_id: str, seq: int) -> bool:
+    def _update_body(self, txn: lmdb.Transaction, ids: np.ndarray, keys: list[bytes], grads: np.ndarray,
+                     client_id: str, seq: int) -> bool:
+        if client_id and is_duplicate(self._last_seq(txn, client_id), seq):
+            return False
+        rows, state = self._read_for_update(txn, ids, keys)  # float32 (n, dim), (n, width)
+        optimizers.step(self.spec.optimizer, rows, state, grads)
+        stored = dtypes.from_float32(rows, self.spec.dtype)
+        txn.cursor(db=self._rows_db).putmulti(zip(keys, row_values(stored)))
+        if self._width:
+            txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)))
+        if client_id:
+            self._record_seq(txn, client_id, seq)
+        return True
+
+    def _write(self, rows: int, body: Callable[[lmdb.Transaction], bool]) -> bool:
+        """Run `body` in ONE write transaction: committed if it returns True, aborted if False.
+        The map grows before (room for `rows` rows) and after a MapFullError, which aborts the
+        transaction so that `body` simply runs again. Caller holds the write lock."""
+        self._reserve(rows)
+        while True:
+            try:
+                with self._gate.shared():
+                    return self._write_txn(body)
+            except lmdb.MapFullError:
+                self._grow(self._map_size() * 2)  # the txn was aborted; retry in a bigger map
+
+    def _write_txn(self, body: Callable[[lmdb.Transaction], bool]) -> bool:
         txn = self._env.begin(write=True)
         try:
-            if client_id and is_duplicate(self._last_seq(txn, client_id), seq):
+            if not body(txn):
                 txn.abort()
                 return False
-            rows, state = self._read_for_update(txn, ids, keys)  # float32 (n, dim), (n, width)
-            optimizers.step(self.spec.optimizer, rows, state, grads)
-            stored = dtypes.from_float32(rows, self.spec.dtype)
-            txn.cursor(db=self._rows_db).putmulti(zip(keys, row_values(stored)))
-            if self._width:
-                txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)))
-            if client_id:
-                self._record_seq(txn, client_id, seq)
             try:
                 txn.commit()
             except lmdb.MapFullError:
@@ -185,11 +220,58 @@ class LmdbTable(Table):
             except lmdb.Error as exc:  # a full disk shows up as a short write (EIO) or ENOSPC
                 raise ResourceExhausted(
                     f"table {self.spec.name!r}: cannot write under {self.path}, is the disk full? ({exc}); "
-                    "the update was not applied") from None
+                    "the write was not applied") from None
             return True
         except BaseException:
             txn.abort()
             raise
+
+    # ---- bulk load (restore) ----------------------------------------------------------------
+
+    def load(self, snapshot: Snapshot, chunk_rows: int = SNAPSHOT_CHUNK_ROWS) -> int:
+        """Write a snapshot's rows, optimizer state and dedup memory into this EMPTY table;
+        returns the rows loaded. Keys go in ascending order with MDB_APPEND (no B-tree search,
+        densely filled pages), `chunk_rows` rows per write transaction: memory stays bounded
+        and the map grows between chunks as for updates. Updates wait until the load is done;
+        lookups meanwhile see a prefix of it. Not atomic across chunks: a crash leaves a part
+        loaded, so `LmdbBackend.restore_table` loads into a temp dir renamed into place at the end."""
+        if snapshot.spec != self.spec:
+            raise FailedPrecondition(f"table {self.spec.name!r}: snapshot {snapshot.path} is of another "
+                                     f"table spec ({snapshot.spec} vs {self.spec})")
+        local_ids = snapshot.local_ids()  # (m,) ascending, as the snapshot's global ids are
+        with self._write_lock:
+            self._check_usable()
+            self._check_empty()
+            for start in range(0, len(local_ids), chunk_rows):
+                part = slice(start, start + chunk_rows)
+                chunk = (local_ids[part], snapshot.rows[part], snapshot.state[part])
+                self._write(len(chunk[0]), lambda txn, chunk=chunk: self._append_chunk(txn, *chunk))
+            self._write(0, lambda txn: self._load_dedup(txn, snapshot.dedup))
+        return len(local_ids)
+
+    def _check_empty(self) -> None:
+        """MDB_APPEND needs every key above the existing ones, and a load must not mix tables."""
+        with self._read_txn() as txn:
+            rows, clients = txn.stat(self._rows_db)["entries"], txn.stat(self._dedup_db)["entries"]
+            rows += txn.stat(self._state_db)["entries"]
+        if rows or clients:
+            raise FailedPrecondition(
+                f"table {self.spec.name!r} is not empty ({rows:,} rows and state entries, {clients:,} "
+                "clients): a snapshot loads only into a new table (drop it first)")
+
+    def _append_chunk(self, txn: lmdb.Transaction, local_ids: np.ndarray, rows: np.ndarray,
+                      state: np.ndarray) -> bool:
+        """Rows [n, dim] and state [n, width] whose keys all sort after every key in the table."""
+        keys = row_keys(local_ids)
+        txn.cursor(db=self._rows_db).putmulti(zip(keys, row_values(rows)), append=True)
+        if self._width:  # sgd keeps no state
+            txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)), append=True)
+        return True
+
+    def _load_dedup(self, txn: lmdb.Transaction, dedup: dict[str, int]) -> bool:
+        for client_id, seq in dedup.items():  # oldest first: the ages come out in the same order
+            self._record_seq(txn, client_id, seq)
+        return True
 
     def _read_for_update(self, txn: lmdb.Transaction, ids: np.ndarray,
                          keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -361,11 +443,19 @@ class LmdbBackend(Backend):
         self._snapshot_locks: dict[str, threading.Lock] = {}
         (self.data_dir / TABLES_DIR).mkdir(parents=True, exist_ok=True)
         for path in sorted((self.data_dir / TABLES_DIR).iterdir()):
-            self._reopen(path)
+            if path.name.startswith(_RESTORE_PREFIX):
+                log.warning("removing %s: a restore that never completed", path)
+                shutil.rmtree(path)
+            else:
+                self._reopen(path)
+        for snapshots_dir in sorted((self.data_dir / SNAPSHOTS_DIR).glob("*")):
+            if snapshots_dir.name not in self._tables:  # a restored backup, or a RAM data dir
+                self._restore(snapshots_dir)
 
-    def _open_env(self, path: Path) -> lmdb.Environment:
+    def _open_env(self, path: Path, sync: bool | None = None) -> lmdb.Environment:
+        sync = self.sync if sync is None else sync
         return lmdb.open(str(path), map_size=self.map_size, max_dbs=8, subdir=True,
-                         sync=self.sync, metasync=self.sync, readahead=False)  # random reads
+                         sync=sync, metasync=sync, readahead=False)  # readahead off: random reads
 
     def _reopen(self, path: Path) -> None:
         try:
@@ -383,31 +473,80 @@ class LmdbBackend(Backend):
         self._tables[spec.name] = LmdbTable(spec, path, env, self.max_map_size)
         log.info("opened LMDB table %r at %s", spec.name, path)
 
+    def _restore(self, snapshots_dir: Path) -> None:
+        """The newest snapshot that verifies; older ones are the fallback for a damaged one."""
+        for path in reversed(list_snapshots(snapshots_dir)):
+            try:
+                snap = read_snapshot(path)
+            except CorruptSnapshot as exc:
+                log.error("skipping damaged snapshot: %s", exc)
+                continue
+            if snap.spec.name != snapshots_dir.name:
+                log.error("skipping snapshot %s: it holds table %r", path, snap.spec.name)
+                continue
+            log.info("restoring LMDB table %r: %d rows from %s", snap.spec.name, len(snap.ids), path)
+            self.restore_table(snap)
+            return
+        if any(snapshots_dir.iterdir()):
+            log.error("no valid snapshot in %s: table %r not restored", snapshots_dir, snapshots_dir.name)
+
+    def restore_table(self, snapshot: Snapshot) -> LmdbTable:
+        """Create the snapshot's table holding its rows, optimizer state and dedup memory.
+
+        The load runs in `tables/.restore-<name>-<id>/` with unsynced commits, is fsynced once,
+        and is renamed to `tables/<name>/` only when complete: a crash mid-load leaves a temp
+        dir that the next start deletes (and restores again), never a half table."""
+        name = snapshot.spec.name
+        with self._admin:
+            if name in self._tables:
+                raise AlreadyExists(f"table {name!r} already exists")
+            tables_dir = self.data_dir / TABLES_DIR
+            temp = tables_dir / f"{_RESTORE_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                table = self._new_table(temp, snapshot.spec, sync=False)
+                try:
+                    table.load(snapshot)
+                    table.sync()  # sync=False above: one flush instead of one per chunk
+                finally:
+                    table.close()
+                os.rename(temp, tables_dir / name)  # atomic: the table appears whole or not at all
+                _fsync_dir(tables_dir)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            self._reopen(tables_dir / name)
+            return self._tables[name]
+
     def create_table(self, spec: TableSpec) -> Table:
         with self._admin:
             if spec.name in self._tables:
                 raise AlreadyExists(f"table {spec.name!r} already exists")
             path = self.data_dir / TABLES_DIR / spec.name
             shutil.rmtree(path, ignore_errors=True)  # leftovers of a crashed create
-            env = self._open_env(path)
-            try:
-                with env.begin(write=True, db=env.open_db(b"meta")) as txn:
-                    txn.put(_SPEC_KEY, msgpack.packb(spec.to_dict()))  # commit = the table exists
-                table = LmdbTable(spec, path, env, self.max_map_size)
-            except BaseException:
-                env.close()
-                shutil.rmtree(path, ignore_errors=True)
-                raise
+            table = self._new_table(path, spec)
             self._tables[spec.name] = table
             return table
+
+    def _new_table(self, path: Path, spec: TableSpec, sync: bool | None = None) -> LmdbTable:
+        env = self._open_env(path, sync)
+        try:
+            with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+                txn.put(_SPEC_KEY, msgpack.packb(spec.to_dict()))  # commit = the table exists
+            return LmdbTable(spec, path, env, self.max_map_size)
+        except BaseException:
+            env.close()
+            shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def drop_table(self, name: str) -> None:
         with self._admin:
             table = self.get(name)
             del self._tables[name]
             table.close()  # waits for the writer and open transactions
-            shutil.rmtree(table.path, ignore_errors=True)
+            # Snapshots first: a crash in between must not leave snapshots without the table,
+            # which the next start would restore (a dropped table coming back).
             shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
+            shutil.rmtree(table.path, ignore_errors=True)
 
     def get(self, name: str) -> LmdbTable:
         try:
