@@ -9,8 +9,9 @@ are shards 0..N-1 of one table spec, route every row to its new shard (global ro
 shard g % M; snapshots store global ids, so a row moves without changing) and write
 `<out>/shard-<j>/snapshots/<table>/<stamp>/` in the portable snapshot format, its spec saying
 shard j of M. A RAM-backed `memstore serve --data-dir <out>/shard-<j> --shard-index j
---shard-count M` restores from it as it is; `--backend lmdb` also builds each output shard's
-LMDB tables (`<out>/shard-<j>/tables/<table>/`).
+--shard-count M` restores from it as it is, and so does an LMDB-backed one (it builds
+`tables/<table>/` from the snapshot at its first start); `--backend lmdb` builds those LMDB tables
+here already (`<out>/shard-<j>/tables/<table>/`), so that first start is quick.
 
 Verification: a table checksum (blake2b over ids, rows and optimizer state in ascending global
 id order, so it does not depend on the shard layout) is computed from the inputs and again from
@@ -116,9 +117,9 @@ def reshard_table(config: ReshardConfig, name: str, log: Log) -> TableReport:
         raise ReshardError(f"table {name!r}: outputs do not hold the input rows (checksum {checksum_out}, "
                            f"expected {checksum_in}); outputs left in {config.out_dir} for inspection")
     if config.backend == "lmdb":
-        for j, path in enumerate(outputs):
+        for j in range(config.shards):
             log(f"{name}: building the LMDB table of shard {j}")
-            import_into_lmdb(config.out_dir / f"shard-{j}", path, config.chunk_rows)
+            build_lmdb_table(config.out_dir / f"shard-{j}", name)
     return TableReport(name, rows_in=[len(s.ids) for s in inputs], rows_out=[len(s.ids) for s in written.snaps],
                        checksum_in=checksum_in, checksum_out=checksum_out, clients=len(dedup),
                        sources=[str(s.path) for s in inputs], outputs=[str(p) for p in outputs])
@@ -310,32 +311,19 @@ def _lock_sources(sources: tuple[Path, ...]) -> list[DataDirLock]:
 # ---- LMDB output --------------------------------------------------------------------------------
 
 
-def import_into_lmdb(data_dir: Path, snapshot_path: Path, chunk_rows: int = CHUNK_ROWS) -> None:
-    """Build the LMDB table `<data_dir>/tables/<name>/` from a snapshot (`data_dir` not in use).
+def build_lmdb_table(data_dir: Path, name: str) -> None:
+    """Build `<data_dir>/tables/<name>/` from its snapshot in `<data_dir>/snapshots/<name>/`.
 
-    LmdbBackend has no public bulk loader, so this writes through the table's environment with
-    the encoding `lmdbstore` itself uses (`row_keys`, `row_values`, `_record_seq`). Renaming
-    those internals fails here loudly (and in tests/test_reshard.py), never silently."""
-    from memstore.backends.lmdbstore import LmdbBackend, row_keys, row_values
-    snap = read_snapshot(snapshot_path)
-    per_row = snap.spec.row_bytes + 4 * snap.state.shape[1] + 64  # + key and B-tree overhead
-    map_size = max(1 << 30, -(-2 * len(snap.ids) * per_row // (1 << 20)) * (1 << 20))
-    backend = LmdbBackend(data_dir, sync=False, map_size=map_size)
+    Opening an LmdbBackend does exactly that for every table that has snapshots but no LMDB
+    files (a restore, loaded into a temp dir and renamed into place when complete): this is
+    what `memstore serve --backend lmdb` would do at its first start, done here and checked."""
+    from memstore.backends.lmdbstore import LmdbBackend  # lmdb only for --backend lmdb
+    backend = LmdbBackend(data_dir)
     try:
-        table = backend.create_table(snap.spec)
-        local_ids = snap.local_ids()
-        for start in range(0, len(local_ids), chunk_rows):
-            part = slice(start, start + chunk_rows)
-            keys = row_keys(local_ids[part])
-            with table._env.begin(write=True) as txn:  # ascending keys: append=True skips the search
-                txn.cursor(db=table._rows_db).putmulti(zip(keys, row_values(snap.rows[part])), append=True)
-                if snap.state.shape[1]:  # sgd keeps no state
-                    state = row_values(snap.state[part])
-                    txn.cursor(db=table._state_db).putmulti(zip(keys, state), append=True)
-        with table._env.begin(write=True) as txn:
-            for client_id, seq in snap.dedup.items():  # oldest first, the order the table keeps
-                table._record_seq(txn, client_id, seq)
-        backend.checkpoint()  # sync=False above: one fsync at the end instead of one per chunk
+        backend.get(name)
+    except MemStoreError as exc:
+        raise ReshardError(f"table {name!r}: no LMDB table built in {data_dir} ({exc.message}); "
+                           "see the log for the snapshot that failed") from None
     finally:
         backend.close()
 
@@ -397,7 +385,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use each table's newest snapshot taken at or before TIME "
                              "(ISO 8601, UTC unless it says otherwise, e.g. 2025-06-01T12:00:00Z)")
     parser.add_argument("--backend", choices=["ram", "lmdb"], default="ram",
-                        help="lmdb: also build each output shard's LMDB tables (default: ram, snapshots only)")
+                        help="lmdb: also build each output shard's LMDB tables now; without it an LMDB "
+                             "shard builds them from the snapshots at its first start (default: ram)")
 
 
 def main(args: argparse.Namespace) -> int:
