@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -397,4 +398,129 @@ def test_lmdb_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
     assert applied >= acked                       # nothing acknowledged was lost ...
     np.testing.assert_array_equal(rows, applied)  # ... and no update is half-applied
     assert not table.apply_update(np.array([0]), np.ones((1, 8), np.float32), "w", int(applied))
+    backend.close()
+
+
+# ---- LMDB restore from snapshots ---------------------------------------------------------------
+
+def _trained(kind: str, data_dir: Path) -> tuple[TableSpec, np.ndarray]:
+    """A table with updates from two clients, snapshotted, the backend closed; returns its rows."""
+    spec = _spec(dtype="float16", optimizer="adagrad")
+    backend = _open(kind, data_dir)
+    table = backend.create_table(spec)
+    for seq, start in enumerate(range(0, 900, 300), 1):
+        ids = np.arange(start, start + 400, 3, dtype=np.int64)
+        table.apply_update(ids, _grads(len(ids), 6, seq), f"trainer-{seq % 2}", seq)
+    rows = table.lookup(np.arange(1000, dtype=np.int64))
+    backend.snapshot("emb")
+    backend.close()
+    return spec, rows
+
+
+def _same_snapshot(a: Path, b: Path) -> None:
+    got, want = read_snapshot(a), read_snapshot(b)
+    assert got.spec == want.spec and got.dedup == want.dedup
+    assert list(got.dedup) == list(want.dedup)  # oldest first: eviction order survives too
+    for name in ("ids", "rows", "state"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@pytest.mark.parametrize("source", ["ram", "lmdb"])
+def test_lmdb_restores_a_backup_at_start(source: str, tmp_path: Path) -> None:
+    """The restore procedure of both backends: put `snapshots/<table>/` back, start."""
+    spec, expected = _trained(source, tmp_path / "old")
+    backup = list_snapshots(tmp_path / "old" / "snapshots" / "emb")[-1]
+    restored = tmp_path / "new" / "snapshots" / "emb"
+    restored.mkdir(parents=True)
+    shutil.copytree(backup, restored / backup.name)
+
+    backend = open_backend("lmdb", tmp_path / "new")
+    table = backend.get("emb")
+    assert table.spec == spec and sorted(os.listdir(tmp_path / "new" / "tables")) == ["emb"]
+    np.testing.assert_array_equal(table.lookup(np.arange(1000, dtype=np.int64)), expected)
+    _same_snapshot(backend.snapshot("emb"), backup)  # rows, optimizer state, dedup memory
+    assert not table.apply_update(np.array([5]), np.ones((1, 6), np.float32), "trainer-1", 3)  # a retry
+    assert table.apply_update(np.array([5]), np.ones((1, 6), np.float32), "trainer-1", 4)
+    after = table.lookup(np.array([5]))
+    backend.close()
+
+    backend = open_backend("lmdb", tmp_path / "new")  # now an ordinary table: opened, not restored again
+    np.testing.assert_array_equal(backend.get("emb").lookup(np.array([5])), after)
+    backend.close()
+
+
+def test_lmdb_rebuilds_a_missing_tables_dir_from_the_newest_valid_snapshot(tmp_path: Path) -> None:
+    _, expected = _trained("lmdb", tmp_path)
+    backend = open_backend("lmdb", tmp_path, keep_snapshots=3)
+    backend.get("emb").apply_update(np.array([1]), np.ones((1, 6), np.float32), "late", 1)
+    damaged = backend.snapshot("emb")  # newer, but damaged below: the older one is used
+    backend.close()
+    (damaged / "rows.npy").write_bytes((damaged / "rows.npy").read_bytes()[:-2] + b"\0\0")
+    shutil.rmtree(tmp_path / "tables")
+
+    backend = open_backend("lmdb", tmp_path)
+    np.testing.assert_array_equal(backend.get("emb").lookup(np.arange(1000, dtype=np.int64)), expected)
+    backend.close()
+
+
+def test_lmdb_load_is_chunked_and_refuses_a_non_empty_table(tmp_path: Path) -> None:
+    spec, _ = _trained("lmdb", tmp_path / "a")
+    snap = read_snapshot(list_snapshots(tmp_path / "a" / "snapshots" / "emb")[-1])
+    backend = open_backend("lmdb", tmp_path / "b", sync=False, map_size=1 << 20)
+    table = backend.create_table(spec)
+    assert table.load(snap, chunk_rows=7) == len(snap.ids) > 7
+    _same_snapshot(backend.snapshot("emb"), snap.path)
+
+    before = table.lookup(np.arange(1000, dtype=np.int64))
+    with pytest.raises(FailedPrecondition, match="not empty"):
+        table.load(snap)
+    other = backend.create_table(_spec("other"))
+    with pytest.raises(FailedPrecondition, match="another table spec"):
+        other.load(snap)
+    np.testing.assert_array_equal(table.lookup(np.arange(1000, dtype=np.int64)), before)
+    backend.close()
+
+
+def test_lmdb_failed_restore_leaves_no_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memstore.backends.lmdbstore import LmdbTable
+    _trained("lmdb", tmp_path)
+    shutil.rmtree(tmp_path / "tables")
+
+    def disk_full(*args) -> bool:
+        raise ResourceExhausted("disk full (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LmdbTable, "_append_chunk", disk_full)
+        with pytest.raises(ResourceExhausted, match="simulated"):
+            open_backend("lmdb", tmp_path)
+    assert os.listdir(tmp_path / "tables") == []  # no table, no temp dir
+    backend = open_backend("lmdb", tmp_path)  # the next start restores it
+    assert backend.get("emb").usage().rows_materialized > 0
+    backend.close()
+
+
+_CRASHING_RESTORE = """
+import os, sys
+from memstore.backends import open_backend
+from memstore.backends.lmdbstore import LmdbTable
+LmdbTable._load_dedup = lambda self, txn, dedup: os._exit(9)  # rows loaded, dedup memory not yet
+open_backend("lmdb", sys.argv[1])
+"""
+
+
+def test_lmdb_restore_killed_midway_is_never_opened_as_complete(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    _, expected = _trained("lmdb", tmp_path)
+    shutil.rmtree(tmp_path / "tables")
+    crashed = subprocess.run([sys.executable, "-c", _CRASHING_RESTORE, str(tmp_path)], check=False)
+    assert crashed.returncode == 9
+    leftovers = os.listdir(tmp_path / "tables")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".restore-emb-")  # the half table, hidden
+
+    backend = open_backend("lmdb", tmp_path)
+    assert os.listdir(tmp_path / "tables") == ["emb"]
+    table = backend.get("emb")
+    np.testing.assert_array_equal(table.lookup(np.arange(1000, dtype=np.int64)), expected)
+    assert not table.apply_update(np.array([1]), np.ones((1, 6), np.float32), "trainer-1", 3)  # dedup too
     backend.close()

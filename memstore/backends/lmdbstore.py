@@ -441,6 +441,13 @@ class LmdbBackend(Backend):
         self._tables: dict[str, LmdbTable] = {}
         self._admin = threading.Lock()
         self._snapshot_locks: dict[str, threading.Lock] = {}
+        try:
+            self._open_tables()
+        except BaseException:
+            self.close()  # the tables opened so far, and the data dir lock
+            raise
+
+    def _open_tables(self) -> None:
         (self.data_dir / TABLES_DIR).mkdir(parents=True, exist_ok=True)
         for path in sorted((self.data_dir / TABLES_DIR).iterdir()):
             if path.name.startswith(_RESTORE_PREFIX):
