@@ -141,7 +141,7 @@ def test_ram_snapshot_on_a_full_disk_keeps_the_last_good_one(tmp_path):
 
 def test_requests_above_the_limits_are_refused_before_they_are_buffered(tmp_path):
     """An Update announcing too many rows is refused on its first chunk: the client's stream is
-    not read further. A message above gRPC's 4 MiB limit is refused from its length prefix."""
+    not read further. A message above gRPC's 4 MiB receive limit is refused."""
     pulled = 0
 
     def chunks(total_rows: int, count: int):
