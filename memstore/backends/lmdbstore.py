@@ -550,9 +550,10 @@ class LmdbBackend(Backend):
             table = self.get(name)
             del self._tables[name]
             table.close()  # waits for the writer and open transactions
-            # Snapshots first: a crash in between must not leave snapshots without the table,
-            # which the next start would restore (a dropped table coming back).
-            shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
+            # Snapshots first (after one in flight): snapshots left without their table would be
+            # restored at the next start, a dropped table coming back.
+            with self._snapshot_locks.setdefault(name, threading.Lock()):
+                shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
             shutil.rmtree(table.path, ignore_errors=True)
 
     def get(self, name: str) -> LmdbTable:
