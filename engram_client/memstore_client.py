@@ -36,6 +36,7 @@ from memstore.v1 import memstore_pb2_grpc as pb_grpc
 from memstore.wire import decode_lookup_chunk
 
 T = TypeVar("T")
+_MESSAGE_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")  # gRPC's, final
 MIN_IDS_PER_CALL = 16384  # below this, splitting a lookup costs more than it overlaps
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -172,7 +173,10 @@ class MemStoreClient:
         grads = np.asarray(grads, dtype="<f4")
         if grads.ndim != 2 or grads.shape[0] != len(ids):
             raise ValueError(f"grads must be [len(ids)={len(ids)}, dim], got {grads.shape}")
-        ids, grads = sum_duplicates(ids, grads)  # also copies: the caller may reuse its buffers
+        summed_ids, summed = sum_duplicates(ids, grads)
+        if summed_ids is ids:  # already sorted and unique: nothing was copied, but the caller may
+            summed_ids, summed = ids.copy(), summed.copy()  # reuse its buffers before this is sent
+        ids, grads = summed_ids, summed
         return self._update_sender.submit(self._send_update, name, ids, grads)
 
     def _send_update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
@@ -242,6 +246,7 @@ def _as_error(exc: grpc.RpcError) -> MemStoreError:
     error = from_status(code, details)
     # UNAVAILABLE: server down or restarting. RESOURCE_EXHAUSTED without our trailer: gRPC's own
     # concurrency limit (back-pressure). Ours (e.g. request too large, map full) is final.
-    error.retryable = code in RETRYABLE and ERROR_TRAILER not in trailers
+    error.retryable = (code in RETRYABLE and ERROR_TRAILER not in trailers
+                       and not details.startswith(_MESSAGE_TOO_LARGE))
     return error
 

@@ -34,9 +34,18 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"(default {default!r}; env MEMSTORE_{f.name.upper()})")
 
 
+def _tls(args):
+    """TlsConfig from --tls-ca/--tls-client-cert/--tls-client-key/--tls-server-name, or None."""
+    if not (args.tls_ca or args.tls_client_cert):
+        return None
+    from engram_client.memstore_client import TlsConfig
+    return TlsConfig(args.tls_ca, args.tls_client_cert, args.tls_client_key, args.tls_server_name)
+
+
 def _client(args):
     from engram_client.memstore_client import MemStoreClient
-    return MemStoreClient(args.target, token=args.token or None, timeout_s=args.timeout, retry_timeout_s=0)
+    return MemStoreClient(args.target, token=args.token or None, tls=_tls(args), timeout_s=args.timeout,
+                          retry_timeout_s=0)
 
 
 def cmd_serve(args) -> int:
@@ -107,7 +116,13 @@ def cmd_drop_table(args) -> int:
 def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    with grpc.insecure_channel(args.target) as channel:
+    tls = _tls(args)
+    if tls is None:
+        channel = grpc.insecure_channel(args.target)
+    else:
+        options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+        channel = grpc.secure_channel(args.target, tls.credentials(), options=options)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
@@ -150,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default=os.environ.get("MEMSTORE_TARGET", DEFAULT_TARGET))
         p.add_argument("--token", default=os.environ.get("MEMSTORE_TOKEN", ""))
         p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
+        p.add_argument("--tls-client-cert", help="PEM client certificate, for mutual TLS")
+        p.add_argument("--tls-client-key", help="PEM client key, for mutual TLS")
+        p.add_argument("--tls-server-name", help="name to check the server certificate against")
         p.set_defaults(func=func)
         return p
 

@@ -55,6 +55,7 @@ class ServerConfig:
     read_only: bool = False            # refuse CreateTable/DropTable/Update with PERMISSION_DENIED
     # Limits
     max_rows_per_request: int = 1 << 22       # 4M rows per Lookup/Update
+    max_request_bytes: int = 1 << 30          # rows (Lookup) or gradients (Update) one request may hold
     max_concurrent_requests: int = 64         # beyond this: RESOURCE_EXHAUSTED, not a pile-up
     workers: int = 4                          # threads running backend work (numpy/LMDB release the GIL)
     grace_s: float = 10.0                     # SIGTERM: time in-flight RPCs get to finish
@@ -73,6 +74,7 @@ class ServerConfig:
         _check(0 <= index < self.shard_count,
                f"shard_index {index} is outside [0, shard_count={self.shard_count})")
         _check(self.max_rows_per_request > 0, "max_rows_per_request must be > 0")
+        _check(self.max_request_bytes > 0, "max_request_bytes must be > 0")
         _check(self.max_concurrent_requests > 0, "max_concurrent_requests must be > 0")
         _check(self.workers > 0, "workers must be > 0")
         _check(self.keep_snapshots >= 1, "keep_snapshots must be >= 1")

@@ -87,7 +87,8 @@ def build_store(config: ServerConfig) -> Store:
                 f"table {spec.name!r} in {config.data_path} was created as shard {spec.shard_index} of "
                 f"{spec.shard_count}, but this server is shard {layout.index} of {layout.count}: start it with "
                 "that layout, or reshard offline (`memstore reshard`)")
-    return Store(backend, layout, max_rows_per_request=config.max_rows_per_request, read_only=config.read_only)
+    return Store(backend, layout, max_rows_per_request=config.max_rows_per_request,
+                 max_request_bytes=config.max_request_bytes, read_only=config.read_only)
 
 
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -83,10 +83,12 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
 
 class Store:
     def __init__(self, backend: Backend, layout: ShardLayout = ShardLayout(), *,
-                 max_rows_per_request: int = 1 << 22, read_only: bool = False):
+                 max_rows_per_request: int = 1 << 22, max_request_bytes: int = 1 << 30,
+                 read_only: bool = False):
         self.backend = backend
         self.layout = layout
         self.max_rows_per_request = max_rows_per_request
+        self.max_request_bytes = max_request_bytes
         self.read_only = read_only
         self._counters: dict[str, TableCounters] = {}
         self._admin_lock = threading.Lock()  # create/drop are rare; keep them simple and serial
@@ -133,7 +135,7 @@ class Store:
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows [n, dim] (storage dtype) for global row ids (int64 [n]), in request order."""
         table = self.backend.get(name)
-        self._check_count(len(ids), "Lookup")
+        self._check_count(len(ids), "Lookup", table.spec.row_bytes)
         local_ids = self._to_local(table, ids)
         rows = table.lookup(local_ids)
         counters = self._counter(name)
@@ -169,7 +171,7 @@ class Store:
         spec = self.backend.get(name).spec
         if total_rows <= 0:
             raise InvalidArgument("Update: total_rows must be > 0 in the first chunk")
-        self._check_count(total_rows, "Update")
+        self._check_count(total_rows, "Update", spec.dim * GRAD_DTYPE.itemsize)
         return spec
 
     # ---- checks -------------------------------------------------------------------------------
@@ -193,11 +195,16 @@ class Store:
                 "the client's shard list or routing does not match the cluster")
         return ids // count
 
-    def _check_count(self, rows: int, method: str) -> None:
+    def _check_count(self, rows: int, method: str, row_bytes: int) -> None:
+        """Refuse before any work: too many rows, or rows too wide for the memory a request may take."""
         if rows > self.max_rows_per_request:
             raise ResourceExhausted(
                 f"{method} of {rows} rows exceeds max_rows_per_request={self.max_rows_per_request}; "
                 "split the request")
+        if rows * row_bytes > self.max_request_bytes:
+            raise ResourceExhausted(
+                f"{method} of {rows} rows x {row_bytes} bytes exceeds max_request_bytes="
+                f"{self.max_request_bytes}; split the request")
 
     def _check_writable(self, method: str) -> None:
         if self.read_only:

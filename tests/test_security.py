@@ -408,3 +408,19 @@ def _requests_naming(name: str) -> dict[str, object]:
 
 def _files(root: Path, exclude: Path) -> set[Path]:
     return {p for p in root.rglob("*") if exclude not in p.parents and p != exclude}
+
+
+def test_admin_cli_speaks_mutual_tls(tmp_path, pki):
+    import subprocess
+    import sys
+    with in_process(tmp_path / "data", tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                    tls_client_ca=str(pki.ca)) as srv:
+        tls = ["--tls-ca", str(pki.ca), "--tls-client-cert", str(pki.client_cert),
+               "--tls-client-key", str(pki.client_key), "--target", srv.target]
+        for command in (["health"], ["ls"]):
+            done = subprocess.run([sys.executable, "-m", "memstore.cli", *command, *tls],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        plain = subprocess.run([sys.executable, "-m", "memstore.cli", "health", "--target", srv.target],
+                               capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1

@@ -170,6 +170,16 @@ def test_oversized_request_is_refused(tmp_path):
         assert client.lookup("t", np.arange(1000)).shape == (1000, 2)
 
 
+def test_wide_rows_hit_the_byte_limit_before_any_work(tmp_path):
+    with in_process(tmp_path / "d", max_request_bytes=1 << 20) as srv, MemStoreClient(srv.target) as client:
+        client.create_table("wide", 100, 65536)  # 256 KiB per float32 row
+        with pytest.raises(ResourceExhausted, match="max_request_bytes"):
+            client.lookup("wide", np.arange(5))
+        with pytest.raises(ResourceExhausted, match="max_request_bytes"):
+            client.update("wide", np.arange(5), np.zeros((5, 65536), np.float32))
+        assert client.lookup("wide", np.arange(4)).shape == (4, 65536)
+
+
 def test_read_only_refuses_writes(tmp_path):
     with in_process(tmp_path / "d", "lmdb") as srv, MemStoreClient(srv.target) as client:
         client.create_table("t", 10, 2)
