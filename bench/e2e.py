@@ -59,7 +59,8 @@ class Variant:
         gpt = GPTConfig(vocab_size=shape.vocab_size, block_size=shape.block_size, n_layer=shape.n_layer,
                         n_head=shape.n_head, n_embd=shape.n_embd, engram_layer=1)
         config = hasher.config
-        self.model = GPT(gpt, lambda layer, hidden: EngramBlock(config, layer, hidden, tables=tables, hasher=hasher))
+        self.model = GPT(gpt, lambda layer, hidden: EngramBlock(config, layer, hidden, tables=tables,
+                                                                hasher=hasher))
         self.model.train()
         dense = [p for n, p in self.model.named_parameters() if ".tables." not in n]
         self.optimizers = [torch.optim.AdamW(dense, lr=1e-3)]
@@ -101,7 +102,7 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def token_batches(shape: E2EShape, batch: int, steps: int, rng: np.random.Generator, zipf: ZipfIds) -> list[dict]:
+def token_batches(shape: E2EShape, batch: int, steps: int, zipf: ZipfIds) -> list[dict]:
     """Zipfian token ids (real text is Zipfian, so are its n-grams): {"input_ids", "targets"} (B, T)."""
     out = []
     for _ in range(steps):
@@ -120,27 +121,27 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     torch.manual_seed(cfg.seed)
     modes = {"memstore+prefetch (sync)": "sync", "memstore+prefetch (async)": "async"}
     init = InitSpec("normal", 0.02, 0)  # what MemStoreTables creates: the server then finds it as is
-    preload(work / "ram", "ram", [(optimizer_spec(f"e2e_{m}", rows, dim, "float32", "adam", TABLE_LR, init), None)
-                                  for m in modes.values()])
+    specs = [optimizer_spec(f"e2e_{mode}", rows, dim, "float32", "adam", TABLE_LR, init)
+             for mode in modes.values()]
+    preload(work / "ram", "ram", [(spec, None) for spec in specs])
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(MemstoreServer(work / "ram", "ram"))
         client = stack.enter_context(MemStoreClient(server.target))
         cores = len(os.sched_getaffinity(0))
         threads = max(1, cores - 1)  # one core for the client's and the server's threads
-        local = lambda: LocalTables(rows, dim, sparse=True, init_std=0.02)  # noqa: E731
+        local = lambda: LocalTables(rows, dim, sparse=True, init_std=0.02)
         variants = [Variant(LOCAL, local(), shape, hasher, threads)]
         if threads < cores:
             variants.append(Variant(f"local, {cores} threads", local(), shape, hasher, cores))
         for name, mode in modes.items():
-            tables = MemStoreTables(client, f"e2e_{mode}", rows, dim, dtype="float32", optimizer="adam", lr=TABLE_LR,
-                                    init="normal", init_scale=0.02, seed=0, mode=mode)
+            tables = MemStoreTables(client, f"e2e_{mode}", rows, dim, dtype="float32", optimizer="adam",
+                                    lr=TABLE_LR, init="normal", init_scale=0.02, seed=0, mode=mode)
             variants.append(Variant(name, tables, shape, hasher, threads, server.pid))
-        rng = np.random.default_rng(cfg.seed)
         zipf = ZipfIds(shape.vocab_size, cfg.zipf_s, cfg.seed)
         threads_before = torch.get_num_threads()
         try:
             for _ in range(cfg.e2e_rounds):
-                batches = token_batches(shape, cfg.e2e_batch, cfg.e2e_steps + WARMUP_STEPS, rng, zipf)
+                batches = token_batches(shape, cfg.e2e_batch, cfg.e2e_steps + WARMUP_STEPS, zipf)
                 for variant in variants:
                     variant.steps(batches)
         finally:
@@ -157,20 +158,22 @@ def report(section: Section, variants: list[Variant], cfg: BenchConfig) -> None:
         p10, p90 = np.percentile(v.step_s, [10, 90])
         wait = float(np.mean(v.wait_ms)) if v.wait_ms else 0.0
         server_ms = 1e3 * v.server_cpu_s / max(1, len(v.step_s) + WARMUP_STEPS * cfg.e2e_rounds)
-        section.records.append({"variant": v.name, "steps": len(v.step_s), "step_ms_mean": 1e3 * mean,
-                                "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * p10, "step_ms_p90": 1e3 * p90,
-                                "ratio_mean": mean / base_mean, "ratio_median": median / base_median,
-                                "tokens_per_s": tokens / mean, "prefetch_wait_ms_mean": wait,
-                                "server_cpu_ms_per_step": server_ms})
-        section.table.append({"variant": v.name, "step ms (mean)": f"{1e3 * mean:.1f}",
-                              "p10-p90 ms": f"{1e3 * p10:.0f}-{1e3 * p90:.0f}", "ratio (mean)": f"{mean / base_mean:.3f}",
-                              "ratio (median)": f"{median / base_median:.3f}", "tokens/s": f"{tokens / mean:,.0f}",
-                              "rows wait ms": f"{wait:.1f}" if v.remote else "-",
-                              "server CPU ms/step": f"{server_ms:.1f}" if v.remote else "-"})
-    section.notes.append(f"{cfg.e2e_rounds} interleaved rounds x {cfg.e2e_steps} timed steps per variant; "
-                         f"torch uses {variants[0].threads} thread(s) unless the name says otherwise (a core is "
-                         "left to the memstore client and server: with all cores busy in torch, its spinning OpenMP "
-                         "threads stall for 100s of ms whenever the server runs); server: RAM backend, table "
-                         "materialised.")
-    section.notes.append("The server runs on the same cores as training here: its CPU time per step is a direct "
-                         "cost that a GPU trainer with idle host cores would not pay.")
+        section.records.append({
+            "variant": v.name, "threads": v.threads, "steps": len(v.step_s), "step_ms_mean": 1e3 * mean,
+            "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * p10, "step_ms_p90": 1e3 * p90,
+            "ratio_mean": mean / base_mean, "ratio_median": median / base_median,
+            "tokens_per_s": tokens / mean, "prefetch_wait_ms_mean": wait, "server_cpu_ms_per_step": server_ms,
+            "step_s": v.step_s})
+        section.table.append({
+            "variant": v.name, "step ms (mean)": f"{1e3 * mean:.1f}",
+            "p10-p90 ms": f"{1e3 * p10:.0f}-{1e3 * p90:.0f}", "ratio (mean)": f"{mean / base_mean:.3f}",
+            "ratio (median)": f"{median / base_median:.3f}",
+            "tokens/s": f"{tokens / mean:,.0f}", "rows wait ms": f"{wait:.1f}" if v.remote else "-",
+            "server CPU ms/step": f"{server_ms:.1f}" if v.remote else "-"})
+    section.notes.append(
+        f"{cfg.e2e_rounds} interleaved rounds x {cfg.e2e_steps} timed steps per variant; torch uses "
+        f"{variants[0].threads} thread(s) unless the name says otherwise (a core is left to the memstore "
+        "client and server: with all cores busy in torch, its spinning OpenMP threads stall for 100s of ms "
+        "whenever the server runs); server: RAM backend, table materialised.")
+    section.notes.append("The server runs on the same cores as training here: its CPU time per step is a "
+                         "direct cost that a GPU trainer with idle host cores would not pay.")

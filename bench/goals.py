@@ -28,7 +28,8 @@ def evaluate_goals(sections: list[Section]) -> list[Goal]:
     step_ratio = next((r["ratio_mean"] for s in sections if s.name == "e2e" for r in s.records
                        if r.get("variant") == "memstore+prefetch (sync)"), None)
     return [
-        _goal("RAM lookup / numpy gather limit (64k fp16)", ">= 0.25", _ratio(ram, numpy), lambda v: v >= 0.25),
+        _goal("RAM lookup / numpy gather limit (64k fp16)", ">= 0.25", _ratio(ram, numpy),
+              lambda v: v >= 0.25),
         _goal("RAM lookup / Redis MGET (64k fp16)", ">= 10", _ratio(ram, redis), lambda v: v >= 10),
         _goal("LMDB lookup / Redis MGET (64k fp16)", ">= 1.5", _ratio(lmdb, redis), lambda v: v >= 1.5),
         _goal("train step time memstore+prefetch / local", "<= 1.03", step_ratio, lambda v: v <= 1.03),

@@ -49,13 +49,10 @@ def run(cfg: BenchConfig, work) -> Section:
         torch.set_num_threads(threads_before)
     for name, s in seconds.items():
         m = Measurement(name, s, B * T, 0)
+        indices = B * T * config.num_heads * (len(config.layer_ids) if "all layers" in name else 1)
         section.records.append(m.record(batch=[B, T]))
         section.table.append({"path": name, "ms/batch": f"{1e3 * m.median_s:.2f}",
                               "spread ms": f"{1e3 * min(s):.2f}-{1e3 * max(s):.2f}",
                               "M tokens/s": f"{m.rate / 1e6:.1f}",
-                              "ns/index": f"{1e9 * m.median_s / (B * T * config.num_heads * _layers(name, config)):.2f}"})
+                              "ns/index": f"{1e9 * m.median_s / indices:.2f}"})
     return section
-
-
-def _layers(name: str, config: EngramConfig) -> int:
-    return len(config.layer_ids) if "all layers" in name else 1

@@ -34,7 +34,8 @@ from bench.timing import Measurement, id_batches, side_by_side
 from engram_client.memstore_client import MemStoreClient
 from memstore.dtypes import storage_dtype
 
-NUMPY, RAM, LMDB, REDIS, RAW_LMDB = "numpy gather", "memstore ram", "memstore lmdb", "redis MGET", "lmdb get loop"
+NUMPY, RAM, LMDB = "numpy gather", "memstore ram", "memstore lmdb"
+REDIS, RAW_LMDB = "redis MGET", "lmdb get loop"
 IDS_PER_SETTING = 1 << 21  # ids generated per setting: small batches rotate through many (cold caches)
 
 
@@ -62,9 +63,10 @@ def run(cfg: BenchConfig, work: Path) -> Section:
             redis = stack.enter_context(RedisServer(redis_path, work / "redis"))
             for db, d in enumerate(cfg.dtypes):
                 load_redis(redis.client(db), tables[d])
-                systems[d][REDIS] = partial(redis_lookup, redis.client(db), dtype=tables[d].dtype, dim=cfg.dim)
-            section.notes.append(f"Redis {redis.version()} (hiredis parser: {_hiredis()}), one MGET per lookup, "
-                                 "8-byte binary keys, no persistence.")
+                systems[d][REDIS] = partial(redis_lookup, redis.client(db), dtype=tables[d].dtype,
+                                            dim=cfg.dim)
+            section.notes.append(f"Redis {redis.version()} (hiredis parser: {_hiredis()}), one MGET per "
+                                 "lookup, 8-byte binary keys, no persistence.")
         else:
             section.notes.append(f"Redis baseline SKIPPED: {redis_missing}.")
         for d in cfg.dtypes:
@@ -76,7 +78,8 @@ def run(cfg: BenchConfig, work: Path) -> Section:
             settings = [("uniform", n) for n in cfg.lookup_sizes] + [("zipf", cfg.zipf_size)]
             for dist, size in settings:
                 measure(section, cfg, systems[d], d, dist, size)
-    section.notes.append("Tables materialised before timing (every row written once): steady state, no lazy init.")
+    section.notes.append("Tables materialised before timing (every row written once): steady state, "
+                         "no lazy init.")
     return section
 
 
@@ -91,11 +94,12 @@ def check_same_rows(systems: dict, table: np.ndarray, seed: int) -> None:
     for name, lookup in systems.items():
         got = np.asarray(lookup(ids))
         if not np.array_equal(got.view(np.uint8), table[ids].view(np.uint8)):
-            raise AssertionError(f"{name} returned different rows than the table holds: benchmark setup is broken")
+            raise AssertionError(f"{name} returned other rows than the table holds: the setup is broken")
 
 
 def measure(section: Section, cfg: BenchConfig, systems: dict, dtype: str, dist: str, size: int) -> None:
-    batches = id_batches(cfg.rows, size, max(8, math.ceil(IDS_PER_SETTING / size)), dist, cfg.seed, cfg.zipf_s)
+    count = max(8, math.ceil(IDS_PER_SETTING / size))
+    batches = id_batches(cfg.rows, size, count, dist, cfg.seed, cfg.zipf_s)
     calls = {name: (lambda i, f=lookup: f(batches[i % len(batches)])) for name, lookup in systems.items()}
     seconds = side_by_side(calls, cfg.rounds, cfg.min_sample_s)
     row_bytes = cfg.dim * storage_dtype(dtype).itemsize
@@ -103,10 +107,11 @@ def measure(section: Section, cfg: BenchConfig, systems: dict, dtype: str, dist:
     results = {name: Measurement(name, s, size, row_bytes) for name, s in seconds.items()}
     limit = results[NUMPY].rate
     for name, m in results.items():
-        section.records.append(m.record(dtype=dtype, dim=cfg.dim, dist=dist, size=size, unique_fraction=unique))
+        record = m.record(dtype=dtype, dim=cfg.dim, dist=dist, size=size, unique_fraction=unique)
+        section.records.append(record)
         section.table.append({
             "dtype": dtype, "ids": f"{size:,}", "dist": dist, "system": name, "rows/s": rate(m.rate),
-            "spread": spread(section.records[-1]), "GB/s": f"{m.gbps:.2f}", "ms/call": f"{1e3 * m.median_s:.2f}",
+            "spread": spread(record), "GB/s": f"{m.gbps:.2f}", "ms/call": f"{1e3 * m.median_s:.2f}",
             "x numpy": f"{m.rate / limit:.3f}",
             "x redis": f"{m.rate / results[REDIS].rate:.2f}" if REDIS in results else "-"})
 

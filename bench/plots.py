@@ -35,8 +35,9 @@ def _lookup(section: Section, path: Path) -> None:
         for system, points in lines.items():
             points.sort()
             sizes, rates, lo, hi = zip(*points)
-            ax.errorbar(sizes, rates, yerr=[[r - a for r, a in zip(rates, lo)], [b - r for r, b in zip(rates, hi)]],
-                        marker="o", capsize=3, label=system)
+            below = [r - a for r, a in zip(rates, lo)]
+            above = [b - r for r, b in zip(rates, hi)]
+            ax.errorbar(sizes, rates, yerr=[below, above], marker="o", capsize=3, label=system)
         ax.set(xscale="log", yscale="log", xlabel="ids per lookup", ylabel="rows/s (median, bars: spread)",
                title=f"lookup, dim {section.records[0].get('dim', 64)}, {dtype}, uniform ids")
         ax.grid(True, which="both", alpha=0.3)
@@ -80,12 +81,14 @@ def _scaling(section: Section, path: Path) -> None:
 
 def _cache(section: Section, path: Path) -> None:
     import matplotlib.pyplot as plt
-    records = sorted((r for r in section.records if r["capacity_fraction"] > 0), key=lambda r: r["capacity_fraction"])
+    records = sorted((r for r in section.records if r["capacity_fraction"] > 0),
+                     key=lambda r: r["capacity_fraction"])
     base = next((r["rate"] for r in section.records if r["capacity_fraction"] == 0), None)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     x = [100 * r["capacity_fraction"] for r in records]
     ax.plot(x, [100 * r["hit_rate"] for r in records], marker="o", color="tab:green", label="hit rate, %")
-    ax.set(xscale="log", xlabel="cache size, % of table", ylabel="hit rate, %", title="client hot-row cache, Zipfian ids")
+    ax.set(xscale="log", xlabel="cache size, % of table", ylabel="hit rate (unique ids), %",
+           title="client hot-row cache, Zipfian ids")
     twin = ax.twinx()
     twin.plot(x, [r["rate"] for r in records], marker="s", color="tab:blue", label="rows/s with cache")
     if base:

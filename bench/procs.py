@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 REDIS_HINT = "install it with `apt-get install redis-server` (or put redis-server on PATH)"
 
@@ -60,7 +61,7 @@ class MemstoreServer(_Process):
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.serve.log"
         self.port = 0
 
-    def start(self, timeout_s: float = 120.0) -> "MemstoreServer":
+    def start(self, timeout_s: float = 120.0) -> Self:
         cmd = [sys.executable, "-m", "memstore.cli", "serve", "--port", "0", "--backend", self.backend,
                "--data-dir", str(self.data_dir), "--log-level", "warning", *self.args]
         with open(self.log_path, "ab") as log:
@@ -80,7 +81,7 @@ class MemstoreServer(_Process):
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "MemstoreServer":
+    def __enter__(self) -> Self:
         return self.start()
 
 
@@ -104,7 +105,7 @@ class RedisServer(_Process):
         self.log_path = self.work_dir / "redis.log"
         self.port = free_port()
 
-    def start(self, timeout_s: float = 20.0) -> "RedisServer":
+    def start(self, timeout_s: float = 20.0) -> Self:
         import redis
         self.work_dir.mkdir(parents=True, exist_ok=True)
         cmd = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -130,5 +131,5 @@ class RedisServer(_Process):
     def version(self) -> str:
         return str(self.client().info("server").get("redis_version", "?"))
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> Self:
         return self.start()

@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
 
 @dataclass
 class Section:
@@ -64,7 +66,7 @@ def text_table(lines: list[dict[str, str]]) -> str:
         return ""
     headers = list(lines[0])
     widths = [max(len(h), *(len(str(line.get(h, ""))) for line in lines)) for h in headers]
-    row = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    row = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([row(headers), row("-" * w for w in widths)] +
                      [row(line.get(h, "") for h in headers) for line in lines])
 
@@ -85,13 +87,13 @@ def machine_info() -> dict:
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1),
             "python": platform.python_version(), "numpy": numpy.__version__, "torch": torch.__version__,
             "grpcio": grpc.__version__, "lmdb": lmdb.__version__, "git": _git_head(),
-            "malloc_env": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}}
+            "malloc_env": {k: os.environ.get(k) for k in MALLOC_VARS}}
 
 
 def _git_head() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
+                              timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -99,12 +101,12 @@ def _git_head() -> str:
 def render_markdown(stamp: str, info: dict, config: dict, sections: list[Section], goals: list[Goal],
                     plots: list[str]) -> str:
     out = [f"# memstore benchmark {stamp}", "",
-           f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; Python {info['python']}, "
-           f"numpy {info['numpy']}, torch {info['torch']}, grpcio {info['grpcio']}, py-lmdb {info['lmdb']}; "
-           f"git {info['git']}.",
+           (f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; Python {info['python']}, "
+            f"numpy {info['numpy']}, torch {info['torch']}, grpcio {info['grpcio']}, py-lmdb {info['lmdb']}; "
+            f"git {info['git']}."),
            f"malloc env (server and client): {info['malloc_env']}.",
-           f"Command: `{' '.join(sys.argv)}`. All rates: medians over interleaved rounds, spread = "
-           "slowest-fastest round. See bench/README.md for how to read them.", "", "## Goals", "",
+           (f"Command: `{' '.join(sys.argv)}`. All rates: medians over interleaved rounds, spread = "
+            "slowest-fastest round. See bench/README.md for how to read them."), "", "## Goals", "",
            markdown_table([{"goal": g.what, "target": g.target,
                             "measured": "-" if g.measured is None else f"{g.measured:.3g}",
                             "verdict": g.verdict} for g in goals]), ""]

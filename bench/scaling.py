@@ -30,8 +30,8 @@ TABLE = "scaling"
 
 def run(cfg: BenchConfig, work: Path) -> Section:
     dtype = cfg.dtypes[0]
-    section = Section("scaling", f"Scaling: lookup rows/s over shards, {cfg.rows:,} rows x dim {cfg.dim} {dtype}, "
-                                 "RAM backend, uniform ids")
+    section = Section("scaling", f"Scaling: lookup rows/s over shards, {cfg.rows:,} rows x dim {cfg.dim} "
+                                 f"{dtype}, RAM backend, uniform ids")
     values = random_rows(cfg.rows, cfg.dim, cfg.seed)
     spec = value_spec(TABLE, cfg.rows, cfg.dim, dtype)
     with contextlib.ExitStack() as stack:
@@ -53,7 +53,7 @@ def run(cfg: BenchConfig, work: Path) -> Section:
                 raise AssertionError(f"{shards} shards returned wrong rows: benchmark setup is broken")
         for size in cfg.scaling_sizes:
             batches = id_batches(cfg.rows, size, max(8, math.ceil((1 << 21) / size)), "uniform", cfg.seed)
-            calls = {f"{s} shard{'s' * (s > 1)}": (lambda i, c=c: c.lookup(TABLE, batches[i % len(batches)]))
+            calls = {f"{s} shard{'s' * (s > 1)}": (lambda i, c=c, b=batches: c.lookup(TABLE, b[i % len(b)]))
                      for s, c in clients.items()}
             seconds = side_by_side(calls, cfg.rounds, cfg.min_sample_s)
             single = None
@@ -65,5 +65,6 @@ def run(cfg: BenchConfig, work: Path) -> Section:
                                       "spread": spread(section.records[-1]), "GB/s": f"{m.gbps:.2f}",
                                       "x 1 shard": f"{m.rate / single:.2f}"})
     section.notes.append(f"{len(clients)} clusters ({sum(cfg.shard_counts)} server processes) on "
-                         f"{len(os.sched_getaffinity(0))} cores, timed interleaved: shards share the cores with each other and the client.")
+                         f"{len(os.sched_getaffinity(0))} cores, timed interleaved: shards share the cores "
+                         "with each other and the client.")
     return section

@@ -22,6 +22,8 @@ from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import ShardLayout, Store
 
 LOAD_CHUNK = 1 << 18  # rows per write while loading
+ZEROS = InitSpec("zeros", 0.0, 0)
+ONE_SHARD = ShardLayout()
 
 
 def random_rows(num_rows: int, dim: int, seed: int) -> np.ndarray:
@@ -33,16 +35,16 @@ def random_rows(num_rows: int, dim: int, seed: int) -> np.ndarray:
 
 def value_spec(name: str, num_rows: int, dim: int, dtype: str) -> TableSpec:
     """A table whose rows are set to exact values by one sgd(lr=1) update from zeros."""
-    return TableSpec(name, num_rows, dim, dtype, InitSpec("zeros", 0.0, 0), OptimizerSpec("sgd", 1.0, {}))
+    return TableSpec(name, num_rows, dim, dtype, ZEROS, OptimizerSpec("sgd", 1.0, {}))
 
 
 def optimizer_spec(name: str, num_rows: int, dim: int, dtype: str, optimizer: str, lr: float = 0.01,
-                   init: InitSpec = InitSpec("zeros", 0.0, 0)) -> TableSpec:
+                   init: InitSpec = ZEROS) -> TableSpec:
     return TableSpec(name, num_rows, dim, dtype, init, OptimizerSpec(optimizer, lr, {}))
 
 
 def preload(data_dir: Path, backend: str, tables: list[tuple[TableSpec, np.ndarray | None]],
-            shard: ShardLayout = ShardLayout()) -> None:
+            shard: ShardLayout = ONE_SHARD) -> None:
     """Create `tables` in a fresh data dir and write every row this shard owns.
 
     Each entry is (spec, float32 values [num_rows, dim]) or (spec, None): then every row gets one

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -100,7 +100,8 @@ def uniform_ids(num_rows: int, size: int, rng: np.random.Generator) -> np.ndarra
     return rng.integers(0, num_rows, size=size, dtype=np.int64)
 
 
-def id_batches(num_rows: int, size: int, count: int, dist: str, seed: int, zipf_s: float = 1.1) -> list[np.ndarray]:
+def id_batches(num_rows: int, size: int, count: int, dist: str, seed: int,
+               zipf_s: float = 1.1) -> list[np.ndarray]:
     """`count` different batches of `size` ids ("uniform" or "zipf"): each call reads fresh ids."""
     if dist == "uniform":
         rng = np.random.default_rng(seed)

@@ -21,14 +21,16 @@ from bench.tables import optimizer_spec, preload
 from bench.timing import Measurement, side_by_side
 from engram_client.memstore_client import MemStoreClient
 
-SERVERS = {"ram": ("ram", ()), "lmdb (sync)": ("lmdb", ()), "lmdb (no sync)": ("lmdb", ("--lmdb-sync", "false"))}
+SERVERS = {"ram": ("ram", ()), "lmdb (sync)": ("lmdb", ()),
+           "lmdb (no sync)": ("lmdb", ("--lmdb-sync", "false"))}
 
 
 def run(cfg: BenchConfig, work: Path) -> Section:
     dtype = cfg.dtypes[0]
     section = Section("update", f"Update: rows/s, {cfg.update_size:,} unique ids per update, "
                                 f"{cfg.update_rows:,} rows x dim {cfg.dim} {dtype}")
-    specs = [(optimizer_spec(f"update_{opt}", cfg.update_rows, cfg.dim, dtype, opt), None) for opt in cfg.optimizers]
+    specs = [(optimizer_spec(f"update_{opt}", cfg.update_rows, cfg.dim, dtype, opt), None)
+             for opt in cfg.optimizers]
     rng = np.random.default_rng(cfg.seed)
     batches = [np.sort(rng.choice(cfg.update_rows, cfg.update_size, replace=False)) for _ in range(8)]
     grads = rng.standard_normal((cfg.update_size, cfg.dim), dtype=np.float32) * np.float32(0.01)
@@ -49,7 +51,8 @@ def run(cfg: BenchConfig, work: Path) -> Section:
         section.table.append({"backend": backend, "optimizer": opt, "rows/s": rate(m.rate),
                               "spread": spread(section.records[-1]), "ms/update": f"{1e3 * m.median_s:.1f}",
                               "grad GB/s": f"{m.gbps:.2f}"})
-    section.notes.append("Tables materialised first (one zero-gradient step on every row): no lazy init in the timing.")
+    section.notes.append("Tables materialised first (one zero-gradient step on every row): no lazy init "
+                         "in the timing.")
     section.notes.append("GB/s counts the float32 gradients sent; rows and optimizer state are also read and "
                          "written on the server (adagrad: +1x, adam: +2x the row width of float32 state).")
     return section
