@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 # glibc otherwise returns every multi-MiB gRPC buffer to the OS after each call (LIMITS.md: an
 # 8 MiB reply took ~39 ms instead of ~13 ms); the Docker images set the same.
@@ -45,12 +46,11 @@ class MemstoreDaemon:
             raise RuntimeError("the memstore daemon is not running")
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> MemstoreDaemon:
+    def start(self) -> Self:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
-                                     env={**os.environ, **FAST_MALLOC_ENV}, start_new_session=True)
-        log.close()  # the child keeps its own handle
+        with open(self.log_path, "ab") as log:  # the child keeps its own handle
+            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
+                                         env={**os.environ, **FAST_MALLOC_ENV}, start_new_session=True)
         self.port = self._wait_for_port()
         return self
 
@@ -86,7 +86,7 @@ class MemstoreDaemon:
         self.port = None
         return self.proc.returncode
 
-    def __enter__(self) -> MemstoreDaemon:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

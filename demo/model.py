@@ -20,8 +20,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from engram_client.block import EngramBlock, EngramState
 
@@ -154,7 +154,7 @@ class GPT(nn.Module):
                 state: DecodeState | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy when targets (B, T) are given.
         With `state`, idx continues the sequences held in it (incremental decoding)."""
-        B, T = idx.shape
+        T = idx.shape[1]
         start = 0 if state is None else state.pos
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")

@@ -37,18 +37,18 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
 
 
 def memstore_rows(metrics: dict) -> list[tuple[str, str]]:
-    ms = metrics.get("memstore") or {}
+    """(name, description) of the memstore table and of the hash collisions."""
     out = []
-    for t in ms.get("tables", []):
-        out.append((f"table {t['name']}", f"{t['num_rows']:,} rows x {t['dim']} {t['dtype']}, "
-                    f"{t['rows_materialized']:,} rows materialised, {t['bytes_used'] / 2**20:.1f} MiB, "
-                    f"{t['lookups']:,} lookups, {t['updates']:,} updates"))
-    coll = metrics.get("collisions", {}).get("by_order", {})
-    for order, c in sorted(coll.items()):
-        out.append((f"{order}-gram hash collisions (validation)",
-                    f"{c['distinct_ngrams']:,} distinct n-grams, {100 * c['collision_rate_per_head']:.2f}% share a row "
-                    f"per head (table ~{c['table_size_per_head']:,} rows/head), "
-                    f"{c['colliding_all_heads']:,} collide in every head"))
+    for t in (metrics.get("memstore") or {}).get("tables", []):
+        usage = (f"{t['num_rows']:,} rows x {t['dim']} {t['dtype']}, {t['optimizer']}; "
+                 f"{t['rows_materialized']:,} rows materialised, {t['bytes_used'] / 2**20:.1f} MiB; "
+                 f"{t['lookups']:,} lookups, {t['updates']:,} updates")
+        out.append((f"table {t['name']}", usage))
+    for order, c in sorted(metrics.get("collisions", {}).get("by_order", {}).items()):
+        seen = (f"{c['distinct_ngrams']:,} distinct n-grams; {100 * c['collision_rate_per_head']:.1f}% share "
+                f"their row with another in a head (~{c['table_size_per_head']:,} rows/head); "
+                f"{c['colliding_all_heads']:,} collide in every head")
+        out.append((f"{order}-gram hash collisions (validation)", seen))
     return out
 
 
@@ -109,11 +109,21 @@ def write_outputs(run_dir: Path, metrics: dict, results: list[RunResult]) -> dic
     return paths
 
 
+FLOPS_NOTE = ("FLOPs/token: 6 x matmul weights (every Linear incl. the tied lm_head, the depthwise conv) "
+              "+ 12 x layers x T x C for attention (PaLM convention, full T); table lookups, norms and gates "
+              "count 0.")
+
+
 def report_markdown(metrics: dict) -> str:
     run, corpus, tok = metrics["run"], metrics["corpus"], metrics["tokenizer"]
     eng_cfg, b, e = metrics["engram"], metrics["models"]["baseline"], metrics["models"]["engram"]
-    delta = e["summary"]["final_val_loss"] - b["summary"]["final_val_loss"]
-    verdict = "lower" if delta < 0 else "higher"
+    b_loss, e_loss = b["summary"]["final_val_loss"], e["summary"]["final_val_loss"]
+    verdict = (f"At {metrics['train']['steps']} steps on the same token stream, the Engram model's validation "
+               f"loss is **{abs(e_loss - b_loss):.4f} nats/token {'lower' if e_loss < b_loss else 'higher'}** "
+               f"than the baseline's ({e_loss:.4f} vs {b_loss:.4f}).")
+    val_names = ", ".join(corpus["val_names"][:20]) + (" ..." if len(corpus["val_names"]) > 20 else "")
+    tokens = (f"byte-level BPE, {tok['vocab_size']} ids ({tok['compressed_vocab']} after Engram compression); "
+              f"{tok['train_tokens']:,} train / {tok['val_tokens']:,} validation tokens")
     lines = [
         f"# Engram demo run {run['timestamp']}",
         "",
@@ -123,9 +133,7 @@ def report_markdown(metrics: dict) -> str:
         "",
         "## Result",
         "",
-        f"At {metrics['train']['steps']} steps on the same token stream, the Engram model's validation loss is "
-        f"**{abs(delta):.4f} nats/token {verdict}** than the baseline's "
-        f"({e['summary']['final_val_loss']:.4f} vs {b['summary']['final_val_loss']:.4f}).",
+        verdict,
         "",
         markdown_table(metrics),
         "",
@@ -134,19 +142,16 @@ def report_markdown(metrics: dict) -> str:
         "## Memory",
         "",
         *[f"- {name}: {value}" for name, value in memstore_rows(metrics)],
-        f"- tables: {eng_cfg['tables']}, server: {eng_cfg.get('server', '-')}",
+        f"- tables: {eng_cfg['tables']}; server: {eng_cfg.get('server', '-')}",
         "",
         "## Setup",
         "",
-        f"- corpus: {corpus['description']} (split by file; validation files: {', '.join(corpus['val_names'][:20])}"
-        f"{' ...' if len(corpus['val_names']) > 20 else ''})",
-        f"- tokenizer: byte-level BPE, {tok['vocab_size']} ids ({tok['compressed_vocab']} after Engram compression); "
-        f"{tok['train_tokens']:,} train / {tok['val_tokens']:,} validation tokens",
+        f"- corpus: {corpus['description']}; split by file, validation files: {val_names}",
+        f"- tokenizer: {tokens}",
         f"- model: `{metrics['model_config']}`",
         f"- training: `{metrics['train']}`",
         f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']}, mode {eng_cfg['mode']}",
-        "- FLOPs/token: 6 x matmul weights (Linear incl. lm_head, depthwise conv) + 12 x layers x T x C "
-        "for attention (PaLM convention, full T); table lookups count 0.",
+        f"- {FLOPS_NOTE}",
         "",
         "## Samples (incremental decoding, temperature 0.8, top-k 50)",
         "",

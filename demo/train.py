@@ -68,15 +68,23 @@ class RunResult:
 
 
 def batch_stream(ids: np.ndarray, batch_size: int, seq_len: int, steps: int, seed: int):
-    """`steps` batches of random windows: {"input_ids": (B, T), "targets": (B, T)} int64.
+    """`steps` batches {"input_ids": (B, T), "targets": (B, T)} int64, a function of `seed` only.
 
-    The offsets depend only on `seed`, so every model sees exactly the same tokens in the same order.
+    The stream is cut into non-overlapping windows of T+1 tokens, visited in a random order; once
+    all are used (an epoch) they are reshuffled with a new random phase. So within the first epoch
+    no token is trained on twice and the train loss is a loss on unseen text too, and every model
+    sees exactly the same tokens in the same order.
     """
     rng = np.random.default_rng(seed)
     window = np.arange(seq_len + 1)
+    order: np.ndarray = np.empty(0, dtype=np.int64)
     for _ in range(steps):
-        starts = rng.integers(0, len(ids) - seq_len - 1, size=batch_size)
-        chunk = torch.from_numpy(ids[starts[:, None] + window].astype(np.int64))  # (B, T + 1)
+        if len(order) < batch_size:  # new epoch: fresh phase and order
+            phase = int(rng.integers(0, seq_len + 1))
+            starts = np.arange(phase, len(ids) - seq_len, seq_len + 1)
+            order = np.concatenate([order, rng.permutation(starts)])
+        take, order = order[:batch_size], order[batch_size:]
+        chunk = torch.from_numpy(ids[take[:, None] + window].astype(np.int64))  # (B, T + 1)
         yield {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
 
 
@@ -137,39 +145,32 @@ def train_model(name: str, model: GPT, train_ids: np.ndarray, val: tuple[torch.T
     model.train()
     bar = tqdm(total=cfg.steps, desc=f"{name:>8}", unit="step", dynamic_ncols=True, disable=not show_progress)
     smooth_loss, started = None, time.perf_counter()
+    step_start = started  # a step's time includes waiting for its batch (and its prefetched rows)
     for step, batch in enumerate(batches):
-        step_start = time.perf_counter()
         fetched_before = remote.stats.rows_fetched if remote else 0
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        _, loss = model(batch["input_ids"], batch["targets"])
-        optimizer.zero_grad(set_to_none=True)
-        if table_opt is not None:
-            table_opt.zero_grad(set_to_none=True)
-        loss.backward()  # remote tables ship their row gradients from inside this call
-        torch.nn.utils.clip_grad_norm_(dense_params, cfg.grad_clip)
-        optimizer.step()
-        if table_opt is not None:
-            table_opt.step()
-        loss_value = loss.item()
-        step_s = time.perf_counter() - step_start
-
+        loss = _train_step(model, batch, optimizer, table_opt, dense_params, cfg.grad_clip)
+        result.step_ms.append(1e3 * (time.perf_counter() - step_start))
         result.steps.append(step)
-        result.train_loss.append(loss_value)
-        result.step_ms.append(1e3 * step_s)
+        result.train_loss.append(loss)
         if remote is not None:
             result.rows_per_step.append(remote.stats.rows_fetched - fetched_before)
             result.wait_ms.append(1e3 * remote.stats.last_wait_s)
-        result.tokens_seen += batch["input_ids"].numel()
-        smooth_loss = loss_value if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss_value
+        tokens = batch["input_ids"].numel()
+        result.tokens_seen += tokens
+        smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
 
         if step % cfg.eval_interval == 0 or step == cfg.steps - 1:
             eval_start = time.perf_counter()
             result.val_steps.append(step)
             result.val_loss.append(evaluate(model, eval_x, eval_y))
             result.eval_seconds += time.perf_counter() - eval_start
-        bar.set_postfix_str(_postfix(smooth_loss, result, step_s, batch["input_ids"].numel()), refresh=False)
+            if not show_progress:  # logs (CI, containers) still get one line per check
+                print(f"{name:>8} step {step:>5}/{cfg.steps}: {_postfix(smooth_loss, result, tokens)}")
+        bar.set_postfix_str(_postfix(smooth_loss, result, tokens), refresh=False)
         bar.update(1)
+        step_start = time.perf_counter()
     bar.close()
     if memory is not None:
         memory.flush()  # the last step's update must land before the final evaluation
@@ -181,12 +182,30 @@ def train_model(name: str, model: GPT, train_ids: np.ndarray, val: tuple[torch.T
     return result
 
 
-def _postfix(smooth_loss: float, result: RunResult, step_s: float, tokens: int) -> str:
+def _train_step(model: GPT, batch: dict, optimizer: torch.optim.Optimizer, table_opt: torch.optim.Optimizer | None,
+                dense_params: list[torch.Tensor], grad_clip: float) -> float:
+    """One forward/backward/update; returns the batch loss."""
+    _, loss = model(batch["input_ids"], batch["targets"])
+    optimizer.zero_grad(set_to_none=True)
+    if table_opt is not None:
+        table_opt.zero_grad(set_to_none=True)
+    loss.backward()  # remote tables ship their row gradients from inside this call
+    torch.nn.utils.clip_grad_norm_(dense_params, grad_clip)
+    optimizer.step()
+    if table_opt is not None:
+        table_opt.step()
+    return loss.item()
+
+
+def _postfix(smooth_loss: float, result: RunResult, tokens_per_step: int, window: int = 10) -> str:
+    """Progress numbers averaged over the last `window` steps (one step alone is too noisy)."""
+    recent_s = 1e-3 * sum(result.step_ms[-window:])
+    steps = len(result.step_ms[-window:])
     parts = [f"loss {smooth_loss:.3f}"]
     if result.val_loss:
         parts.append(f"val {result.val_loss[-1]:.3f}")
-    parts.append(f"{tokens / step_s:,.0f} tok/s")
+    parts.append(f"{tokens_per_step * steps / recent_s:,.0f} tok/s")
     if result.rows_per_step:
-        parts.append(f"{result.rows_per_step[-1] / step_s:,.0f} rows/s")
-        parts.append(f"wait {result.wait_ms[-1]:.1f} ms")
+        parts.append(f"{sum(result.rows_per_step[-window:]) / recent_s:,.0f} rows/s")
+        parts.append(f"wait {sum(result.wait_ms[-window:]) / steps:.1f} ms")
     return ", ".join(parts)
