@@ -11,6 +11,7 @@ counts unique ids served by the cache over the timed batches.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     zipf = ZipfIds(cfg.rows, cfg.zipf_s, cfg.seed)
     per_round = max(1, cfg.cache_batches // cfg.rounds)
     batches = [zipf.sample(cfg.zipf_size) for _ in range(WARMUP_BATCHES + cfg.rounds * per_round)]
-    with contextlib.ExitStack() as stack:
+    threads_before, threads = torch.get_num_threads(), max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(threads)  # as in training beside a server (see e2e): OpenMP stalls otherwise
+    stack = contextlib.ExitStack()
+    stack.callback(torch.set_num_threads, threads_before)
+    with stack:
         server = stack.enter_context(MemstoreServer(work / "ram", "ram"))
         client = stack.enter_context(MemStoreClient(server.target))
         variants = {"no cache": CachedLookup(client, None, cfg.dim)}
@@ -89,6 +94,9 @@ def run(cfg: BenchConfig, work: Path) -> Section:
         calls = {name: (lambda i, f=lookup: f(timed[i % len(timed)])) for name, lookup in variants.items()}
         seconds = _timed_once(calls, cfg.rounds, per_round)
     report(section, cfg, variants, seconds, table_bytes, batches)
+    section.notes.append(f"torch runs with {threads} thread(s) here, one core less than the machine, like the "
+                         "e2e section (with every core, the cache's small tensor ops stall in OpenMP whenever "
+                         "the server runs).")
     return section
 
 
@@ -124,3 +132,4 @@ def report(section: Section, cfg: BenchConfig, variants: dict, seconds: dict, ta
                               "x no cache": f"{ids_per_s / base:.2f}"})
     section.notes.append(f"{unique:,.0f} unique ids per {cfg.zipf_size:,}-id batch on average; "
                          "rates count requested ids.")
+

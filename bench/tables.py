@@ -23,6 +23,7 @@ from memstore.store import ShardLayout, Store
 
 LOAD_CHUNK = 1 << 18  # rows per write while loading
 ZEROS = InitSpec("zeros", 0.0, 0)
+NORMAL = InitSpec("normal", 0.02, 0)
 ONE_SHARD = ShardLayout()
 
 
