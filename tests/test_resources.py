@@ -170,7 +170,8 @@ def test_requests_above_the_limits_are_refused_before_they_are_buffered(tmp_path
 def test_a_request_too_large_for_memory_is_refused(tmp_path):
     """100k ids of a 65536-wide table ask for 24 GiB of rows: RESOURCE_EXHAUSTED, and the server
     lives on. The address space is capped so that this holds on a machine of any size."""
-    with ServeProcess(tmp_path / "data", "lmdb", "--lmdb-map-size", str(16 << 20)) as srv, \
+    with ServeProcess(tmp_path / "data", "lmdb", "--lmdb-map-size", str(16 << 20),
+                      "--max-request-bytes", str(1 << 40)) as srv, \
             MemStoreClient(srv.target, retry_timeout_s=5) as client:
         client.create_table("wide", 10**9, 65536)
         vm_bytes = _vm_size(srv.proc.pid)
