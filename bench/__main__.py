@@ -40,6 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds per setting (medians are over these)")
     p.add_argument("--e2e-steps", type=int, help="training steps per round and model in the end-to-end run")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the servers and the client during the 64k lookups (files in --out)")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     return p.parse_args(argv)
 
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_malloc_env(argv)
     cfg = build_config(args)
     stamp = datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    if args.profile:
+        args.out.mkdir(parents=True, exist_ok=True)
+        cfg.profile_prefix = str(args.out / f"{stamp}-pyspy-")
     from bench.goals import evaluate_goals
     from bench.plots import make_plots
     sections: list[Section] = []

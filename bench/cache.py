@@ -94,9 +94,9 @@ def run(cfg: BenchConfig, work: Path) -> Section:
         calls = {name: (lambda i, f=lookup: f(timed[i % len(timed)])) for name, lookup in variants.items()}
         seconds = _timed_once(calls, cfg.rounds, per_round)
     report(section, cfg, variants, seconds, table_bytes, batches)
-    section.notes.append(f"torch runs with {threads} thread(s) here, one core less than the machine, like the "
-                         "e2e section (with every core, the cache's small tensor ops stall in OpenMP whenever "
-                         "the server runs).")
+    section.notes.append(f"torch runs with {threads} thread(s) here, one core less than the machine, like "
+                         "the e2e section (with every core, the cache's small tensor ops stall in OpenMP "
+                         "whenever the server runs).")
     return section
 
 

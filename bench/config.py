@@ -59,7 +59,7 @@ class BenchConfig:
     cache_batches: int = 24
     seed: int = 0
     plots: bool = True
-    notes: list[str] = field(default_factory=list)
+    profile_prefix: str = ""      # --profile: py-spy files start with this path ("" = no profiling)
 
 
 def quick_config() -> BenchConfig:

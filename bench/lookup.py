@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from bench.config import BenchConfig
 from bench.procs import MemstoreServer, RedisServer, find_redis
+from bench.profile import py_spy
 from bench.report import Section, rate, spread
 from bench.tables import (
     lmdb_lookup,
@@ -36,6 +38,7 @@ from memstore.dtypes import storage_dtype
 
 NUMPY, RAM, LMDB = "numpy gather", "memstore ram", "memstore lmdb"
 REDIS, RAW_LMDB = "redis MGET", "lmdb get loop"
+PROFILE_SIZE = 65536     # --profile records the servers and the client during this batch size
 IDS_PER_SETTING = 1 << 21  # ids generated per setting: small batches rotate through many (cold caches)
 
 
@@ -54,8 +57,10 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     redis_path, redis_missing = find_redis()
     with contextlib.ExitStack() as stack:
         systems = {d: {NUMPY: partial(numpy_gather, tables[d])} for d in cfg.dtypes}
+        pids = {"client": os.getpid()}
         for backend, label in (("ram", RAM), ("lmdb", LMDB)):
             server = stack.enter_context(MemstoreServer(work / f"lookup-{backend}", backend))
+            pids[f"{backend}-server"] = server.pid
             client = stack.enter_context(MemStoreClient(server.target))
             for d in cfg.dtypes:
                 systems[d][label] = partial(client.lookup, table_name(d))
@@ -77,7 +82,10 @@ def run(cfg: BenchConfig, work: Path) -> Section:
             check_same_rows(systems[d], tables[d], cfg.seed)
             settings = [("uniform", n) for n in cfg.lookup_sizes] + [("zipf", cfg.zipf_size)]
             for dist, size in settings:
-                measure(section, cfg, systems[d], d, dist, size)
+                profiled = cfg.profile_prefix and (d, dist, size) == (cfg.dtypes[0], "uniform", PROFILE_SIZE)
+                profiler = py_spy(pids, cfg.profile_prefix, section.notes) if profiled else None
+                with profiler or contextlib.nullcontext():
+                    measure(section, cfg, systems[d], d, dist, size)
     section.notes.append("Tables materialised before timing (every row written once): steady state, "
                          "no lazy init.")
     return section
