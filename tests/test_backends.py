@@ -295,8 +295,8 @@ def test_lmdb_max_map_size_refuses_and_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_lmdb_dedup_memory_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memstore.backends import lmdbstore
-    monkeypatch.setattr(lmdbstore, "MAX_CLIENTS", 3)
+    from memstore.backends import lmdb_table
+    monkeypatch.setattr(lmdb_table, "MAX_CLIENTS", 3)
     backend = open_backend("lmdb", tmp_path, sync=False)
     table = backend.create_table(_spec())
     one, g = np.array([1], np.int64), np.ones((1, 6), np.float32)

@@ -158,7 +158,8 @@ def test_requests_above_the_limits_are_refused_before_they_are_buffered(tmp_path
         stub = pb_grpc.MemStoreStub(channel)
         code, details = status_of(lambda: stub.Update(chunks(1_000_000, 1000), timeout=30))  # 256 MB offered
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_rows_per_request=10000" in details
-        assert pulled <= 3, f"the server read {pulled} chunks of a request it had refused"
+        # gRPC's flow-control window lets the client run a few chunks ahead; 1000 would be all of it
+        assert pulled <= 20, f"the server read {pulled} chunks of a request it had refused"
         big_ids = np.zeros(600_000, "<i8").tobytes()                                       # one 4.8 MB message
         code, details = status_of(lambda: stub.Lookup(pb.LookupRequest(table="t", ids=big_ids), timeout=30))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details

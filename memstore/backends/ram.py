@@ -27,6 +27,7 @@ may exceed RAM (the OS pages it out); those files are scratch, rebuilt from snap
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -163,7 +164,7 @@ class RamTable(Table):
             # ids are unique, so slices of the batch touch disjoint rows: big batches are stepped
             # on several threads at once (numpy releases the GIL in gathers and arithmetic).
             bounds = np.linspace(0, len(ids), _parts(len(ids)) + 1).astype(int)
-            parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
             new_ids = [ids[part][fresh] for part, fresh in
                        zip(parts, _APPLY_POOL.map(lambda p: self._step_rows(ids[p], grads[p]), parts))]
             # Rows and state first, flags last: a concurrent lookup trusts a set flag.
