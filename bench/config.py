@@ -48,7 +48,7 @@ class BenchConfig:
     hash_batch: tuple[int, int] = (8, 4096)
     # End to end: demo GPT steps per round and rounds (interleaved local / memstore).
     e2e_shape: E2EShape = field(default_factory=E2EShape)
-    e2e_rounds: int = 4
+    e2e_rounds: int = 3
     e2e_steps: int = 10
     e2e_batch: int = 16
     # Scaling: shard counts over loopback, each a `memstore serve` process.

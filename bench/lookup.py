@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from memstore.dtypes import storage_dtype
 
 NUMPY, RAM, LMDB = "numpy gather", "memstore ram", "memstore lmdb"
 REDIS, RAW_LMDB = "redis MGET", "lmdb get loop"
-PROFILE_SIZE = 65536     # --profile records the servers and the client during this batch size
+PROFILE_SIZE, PROFILE_SECONDS = 65536, 8.0  # --profile: ids per lookup, seconds per system
 IDS_PER_SETTING = 1 << 21  # ids generated per setting: small batches rotate through many (cold caches)
 
 
@@ -57,10 +58,10 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     redis_path, redis_missing = find_redis()
     with contextlib.ExitStack() as stack:
         systems = {d: {NUMPY: partial(numpy_gather, tables[d])} for d in cfg.dtypes}
-        pids = {"client": os.getpid()}
+        pids = {}
         for backend, label in (("ram", RAM), ("lmdb", LMDB)):
             server = stack.enter_context(MemstoreServer(work / f"lookup-{backend}", backend))
-            pids[f"{backend}-server"] = server.pid
+            pids[label] = server.pid
             client = stack.enter_context(MemStoreClient(server.target))
             for d in cfg.dtypes:
                 systems[d][label] = partial(client.lookup, table_name(d))
@@ -82,10 +83,9 @@ def run(cfg: BenchConfig, work: Path) -> Section:
             check_same_rows(systems[d], tables[d], cfg.seed)
             settings = [("uniform", n) for n in cfg.lookup_sizes] + [("zipf", cfg.zipf_size)]
             for dist, size in settings:
-                profiled = cfg.profile_prefix and (d, dist, size) == (cfg.dtypes[0], "uniform", PROFILE_SIZE)
-                profiler = py_spy(pids, cfg.profile_prefix, section.notes) if profiled else None
-                with profiler or contextlib.nullcontext():
-                    measure(section, cfg, systems[d], d, dist, size)
+                measure(section, cfg, systems[d], d, dist, size)
+        if cfg.profile_prefix:
+            profile(section, cfg, systems[cfg.dtypes[0]], pids)
     section.notes.append("Tables materialised before timing (every row written once): steady state, "
                          "no lazy init.")
     return section
@@ -94,6 +94,20 @@ def run(cfg: BenchConfig, work: Path) -> Section:
 def numpy_gather(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     out = np.empty((len(ids), table.shape[1]), table.dtype)
     return np.take(table, ids, axis=0, out=out, mode="clip")  # clip: no bounds buffer (LIMITS.md)
+
+
+def profile(section: Section, cfg: BenchConfig, systems: dict, pids: dict[str, int]) -> None:
+    """--profile: each memstore system looks up PROFILE_SIZE uniform ids in a loop for
+    PROFILE_SECONDS while py-spy records its server and this process (the client side)."""
+    batches = id_batches(cfg.rows, PROFILE_SIZE, 8, "uniform", cfg.seed)
+    for label, pid in pids.items():
+        name = label.replace("memstore ", "")
+        targets = {f"{name}-server": pid, f"{name}-client": os.getpid()}
+        with py_spy(targets, cfg.profile_prefix, section.notes):
+            started, i = time.perf_counter(), 0
+            while time.perf_counter() - started < PROFILE_SECONDS:
+                systems[label](batches[i % len(batches)])
+                i += 1
 
 
 def check_same_rows(systems: dict, table: np.ndarray, seed: int) -> None:

@@ -1,9 +1,10 @@
-"""`--profile`: py-spy records the servers and the client while the goal setting is measured.
+"""`--profile`: py-spy records each server and the client during a loop of 64k lookups.
 
-The goal setting (64k ids, fp16, uniform) runs with `py-spy record` attached to each `memstore
-serve` process and to the benchmark itself (the client side: gRPC's receive path, copies). The
-speedscope files (open them at https://www.speedscope.app) land next to the results. Only samples
-of busy threads are kept (py-spy's default), so a profile shows where CPU time goes, not waits.
+After the lookup measurements, each memstore backend serves a few seconds of 64k-id lookups
+(fp16, uniform) with `py-spy record` attached to its `memstore serve` process and to the benchmark
+itself (the client side: gRPC's receive path, copies). The speedscope files (open them at
+https://www.speedscope.app) land next to the results. Only samples of busy threads are kept
+(py-spy's default), so a profile shows where CPU time goes, not waits.
 """
 from __future__ import annotations
 
