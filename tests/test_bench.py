@@ -45,7 +45,8 @@ def test_missing_redis_is_explained(monkeypatch):
 def test_quick_bench_runs_every_section(tmp_path):
     """A tiny `python -m bench --quick`: every section runs against real servers and writes results."""
     cmd = [sys.executable, "-m", "bench", "--quick", "--rows", "60000", "--sizes", "1024,4096",
-           "--rounds", "2", "--e2e-steps", "2", "--out", str(tmp_path / "results"), "--work-dir", str(tmp_path)]
+           "--rounds", "2", "--e2e-steps", "2", "--out", str(tmp_path / "results"),
+           "--work-dir", str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [js] = (tmp_path / "results").glob("*.json")
