@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -80,14 +81,19 @@ def reexec_with_malloc_env(argv: list[str]) -> None:
 
 
 def run_section(name: str, cfg: BenchConfig, work: Path) -> Section:
-    module = importlib.import_module(f"bench.{name if name != 'hashing' else 'hashing_cost'}")
+    """Run `bench.<name>.run`; a section that fails is reported as failed, the others still run."""
+    (work / name).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     print(f"[bench] {name} ...", flush=True)
-    section = module.run(cfg, work / name)
+    try:
+        section = importlib.import_module(f"bench.{name}").run(cfg, work / name)
+    except Exception as exc:  # noqa: BLE001 - reported in the results, and the exit code says so
+        traceback.print_exc()
+        section = Section(name, name, failed=f"{type(exc).__name__}: {exc}")
     section.seconds = time.perf_counter() - started
     section.load = (load_before, os.getloadavg()[0])
-    print(f"[bench] {name} done in {section.seconds:.0f} s", flush=True)
+    print(f"[bench] {name} {'FAILED' if section.failed else 'done'} in {section.seconds:.0f} s", flush=True)
     return section
 
 
@@ -101,20 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.out.mkdir(parents=True, exist_ok=True)
         cfg.profile_prefix = str(args.out / f"{stamp}-pyspy-")
-    from bench.goals import evaluate_goals
+    from bench.goals import evaluate_goals  # imported after the re-exec: they pull in torch, grpc
     from bench.plots import make_plots
-    sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="memstore-bench-", dir=args.work_dir) as tmp:
-        for name in cfg.sections:
-            work = Path(tmp)
-            (work / name).mkdir(parents=True, exist_ok=True)
-            sections.append(run_section(name, cfg, work))
+        sections = [run_section(name, cfg, Path(tmp)) for name in cfg.sections]
     goals: list[Goal] = evaluate_goals(sections)
     plots = make_plots(sections, args.out, stamp) if cfg.plots else []
     md, js = write_results(args.out, stamp, dataclasses.asdict(cfg), sections, goals, plots)
     print_summary(sections, goals)
     print(f"\nresults: {md} {js}" + "".join(f" {p}" for p in plots))
-    return 0
+    return 1 if any(s.failed for s in sections) else 0
 
 
 if __name__ == "__main__":

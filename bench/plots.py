@@ -12,7 +12,7 @@ def make_plots(sections: list[Section], out_dir: Path, stamp: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     out_dir.mkdir(parents=True, exist_ok=True)
-    by_name = {s.name: s for s in sections if not s.skipped}
+    by_name = {s.name: s for s in sections if not (s.skipped or s.failed)}
     plotters = {"lookup": _lookup, "e2e": _e2e, "scaling": _scaling, "cache": _cache}
     paths = []
     for name, plot in plotters.items():

@@ -24,7 +24,8 @@ class Section:
     records: list[dict] = field(default_factory=list)
     table: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    skipped: str | None = None        # why the whole section did not run
+    skipped: str | None = None        # why the whole section did not run (something missing)
+    failed: str | None = None         # the error that stopped it
     seconds: float = 0.0
     load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before, after
 
@@ -112,8 +113,8 @@ def render_markdown(stamp: str, info: dict, config: dict, sections: list[Section
                             "verdict": g.verdict} for g in goals]), ""]
     for s in sections:
         out += [f"## {s.title}", ""]
-        if s.skipped:
-            out += [f"Skipped: {s.skipped}", ""]
+        if s.skipped or s.failed:
+            out += [f"Skipped: {s.skipped}" if s.skipped else f"FAILED: {s.failed}", ""]
             continue
         out += [markdown_table(s.table), ""]
         out += [f"- {n}" for n in s.notes]
@@ -139,8 +140,8 @@ def write_results(out_dir: Path, stamp: str, config: dict, sections: list[Sectio
 def print_summary(sections: list[Section], goals: list[Goal]) -> None:
     for s in sections:
         print(f"\n== {s.title} ==")
-        if s.skipped:
-            print(f"skipped: {s.skipped}")
+        if s.skipped or s.failed:
+            print(f"skipped: {s.skipped}" if s.skipped else f"FAILED: {s.failed}")
             continue
         print(text_table(s.table))
         for note in s.notes:
