@@ -55,30 +55,8 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     for backend in ("ram", "lmdb"):
         preload(work / f"lookup-{backend}", backend, specs)
     del values, specs
-    redis_path, redis_missing = find_redis()
     with contextlib.ExitStack() as stack:
-        systems = {d: {NUMPY: partial(numpy_gather, tables[d])} for d in cfg.dtypes}
-        pids = {}
-        for backend, label in (("ram", RAM), ("lmdb", LMDB)):
-            server = stack.enter_context(MemstoreServer(work / f"lookup-{backend}", backend))
-            pids[label] = server.pid
-            client = stack.enter_context(MemStoreClient(server.target))
-            for d in cfg.dtypes:
-                systems[d][label] = partial(client.lookup, table_name(d))
-        if redis_path:
-            redis = stack.enter_context(RedisServer(redis_path, work / "redis"))
-            for db, d in enumerate(cfg.dtypes):
-                load_redis(redis.client(db), tables[d])
-                systems[d][REDIS] = partial(redis_lookup, redis.client(db), dtype=tables[d].dtype,
-                                            dim=cfg.dim)
-            section.notes.append(f"Redis {redis.version()} (hiredis parser: {_hiredis()}), one MGET per "
-                                 "lookup, 8-byte binary keys, no persistence.")
-        else:
-            section.notes.append(f"Redis baseline SKIPPED: {redis_missing}.")
-        for d in cfg.dtypes:
-            env = write_raw_lmdb(work / f"raw-lmdb-{d}", tables[d])
-            stack.callback(env.close)
-            systems[d][RAW_LMDB] = partial(lmdb_lookup, env, dtype=tables[d].dtype, dim=cfg.dim)
+        systems, pids = start_systems(stack, cfg, tables, work, section.notes)
         for d in cfg.dtypes:
             check_same_rows(systems[d], tables[d], cfg.seed)
             settings = [("uniform", n) for n in cfg.lookup_sizes] + [("zipf", cfg.zipf_size)]
@@ -89,6 +67,34 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     section.notes.append("Tables materialised before timing (every row written once): steady state, "
                          "no lazy init.")
     return section
+
+
+def start_systems(stack: contextlib.ExitStack, cfg: BenchConfig, tables: dict[str, np.ndarray], work: Path,
+                  notes: list[str]) -> tuple[dict[str, dict], dict[str, int]]:
+    """{dtype: {system: lookup(ids) -> rows}} over the same rows, and the memstore servers' pids."""
+    systems = {d: {NUMPY: partial(numpy_gather, tables[d])} for d in cfg.dtypes}
+    pids = {}
+    for backend, label in (("ram", RAM), ("lmdb", LMDB)):
+        server = stack.enter_context(MemstoreServer(work / f"lookup-{backend}", backend))
+        pids[label] = server.pid
+        client = stack.enter_context(MemStoreClient(server.target))
+        for d in cfg.dtypes:
+            systems[d][label] = partial(client.lookup, table_name(d))
+    redis_path, redis_missing = find_redis()
+    if redis_path:
+        redis = stack.enter_context(RedisServer(redis_path, work / "redis"))
+        for db, d in enumerate(cfg.dtypes):  # one Redis db per dtype, same keys
+            load_redis(redis.client(db), tables[d])
+            systems[d][REDIS] = partial(redis_lookup, redis.client(db), dtype=tables[d].dtype, dim=cfg.dim)
+        notes.append(f"Redis {redis.version()} (hiredis parser: {_hiredis()}), one MGET per lookup, "
+                     "8-byte binary keys, no persistence.")
+    else:
+        notes.append(f"Redis baseline SKIPPED: {redis_missing}.")
+    for d in cfg.dtypes:
+        env = write_raw_lmdb(work / f"raw-lmdb-{d}", tables[d])
+        stack.callback(env.close)
+        systems[d][RAW_LMDB] = partial(lmdb_lookup, env, dtype=tables[d].dtype, dim=cfg.dim)
+    return systems, pids
 
 
 def numpy_gather(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
