@@ -1,11 +1,13 @@
 """Section 4: training step time of the demo GPT with an Engram layer, tables local vs on memstore.
 
 Variants, each its own model from the same seed, trained on the same batches:
-- local:                  the table is an in-model parameter (`LocalTables`, sparse grads) stepped
-                          by `RowwiseAdam` in this process; the baseline (1.00).
+- local (in-process):  the table is an in-model parameter (`LocalTables`, sparse grads) stepped by
+                       `RowwiseAdam` in this process; the baseline (1.00).
+- local, N threads:    the same with torch on every core (a reference: the others leave one core
+                       to the memstore client and server).
 - memstore+prefetch (sync):  `MemStoreTables` on a `memstore serve --backend ram` subprocess (its
-                          row-wise Adam), `Prefetcher(depth=2)`: lookups of step k+1 overlap step k,
-                          every lookup sees every earlier update (exactly local training).
+                       row-wise Adam), `Prefetcher(depth=2)`: lookups of step k+1 overlap step k,
+                       every lookup sees every earlier update (exactly local training).
 - memstore+prefetch (async): the same with rows at most one step stale.
 Rounds interleave the variants (each runs `e2e_steps` steps per round; the first 2 steps of a
 round, pipeline start-up, are dropped), so load from the neighbours hits all of them alike.
