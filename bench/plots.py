@@ -90,11 +90,12 @@ def _cache(section: Section, path: Path) -> None:
     ax.set(xscale="log", xlabel="cache size, % of table", ylabel="hit rate (unique ids), %",
            title="client hot-row cache, Zipfian ids")
     twin = ax.twinx()
-    twin.plot(x, [r["rate"] for r in records], marker="s", color="tab:blue", label="rows/s with cache")
+    twin.plot(x, [r["rate"] for r in records], marker="s", color="tab:blue", label="ids/s with cache")
     if base:
-        twin.axhline(base, color="tab:blue", linestyle="--", label="rows/s without cache")
-    twin.set_ylabel("rows/s")
-    fig.legend(fontsize=8, loc="lower right")
+        twin.axhline(base, color="tab:blue", linestyle="--", label="ids/s without cache")
+    twin.set_ylabel("ids/s")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize=8, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
