@@ -36,24 +36,24 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "HostTables",
-    "InProcessStore",
-    "MemStoreClient",
-    "MemStoreTables",
-    "Prefetcher",
-    "RemoteTables",
-    "RowCache",
-    "ShardedClient",
-    "TlsConfig",
     "CompressedTokenizer",
     "EngramBlock",
     "EngramConfig",
     "EngramState",
+    "HostTables",
+    "InProcessStore",
     "LocalTables",
+    "MemStoreClient",
+    "MemStoreTables",
     "NgramHasher",
+    "Prefetcher",
+    "RemoteTables",
+    "RowCache",
     "RowwiseAdam",
+    "ShardedClient",
     "ShortConv",
     "TableSource",
+    "TlsConfig",
     "build_token_map",
     "tokenizer_fingerprint",
 ]
@@ -61,14 +61,14 @@ __all__ = [
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.block import EngramBlock, EngramState, ShortConv
     from engram_client.cache import RowCache
+    from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
+    from engram_client.hashing import NgramHasher
     from engram_client.host import HostTables, InProcessStore
     from engram_client.memstore_client import MemStoreClient, TlsConfig
+    from engram_client.optim import RowwiseAdam
     from engram_client.prefetch import Prefetcher
     from engram_client.remote import MemStoreTables, RemoteTables
     from engram_client.sharded import ShardedClient
-    from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
-    from engram_client.hashing import NgramHasher
-    from engram_client.optim import RowwiseAdam
     from engram_client.tables import LocalTables, TableSource
 
 

@@ -17,10 +17,12 @@ import itertools
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Self, TypeVar
 
 import grpc
 import numpy as np
@@ -50,7 +52,7 @@ class TlsConfig:
     server_name: str | None = None  # override the name checked against the certificate
 
     def credentials(self) -> grpc.ChannelCredentials:
-        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+        read = lambda p: Path(p).read_bytes() if p else None
         return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
 
 
@@ -183,8 +185,8 @@ class MemStoreClient:
         applied = True
         for start in range(0, len(ids), self.max_ids_per_call):  # disjoint ids: one step per row still
             part = slice(start, start + self.max_ids_per_call)
-            seq = self._next_seq(name)
-            applied &= self._retry(lambda: self._stream_update(name, seq, ids[part], grads[part]))
+            seq = self._next_seq(name)  # retries resend this seq: the server applies it once
+            applied &= self._retry(partial(self._stream_update, name, seq, ids[part], grads[part]))
         return applied
 
     def _stream_update(self, name: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> bool:
@@ -193,7 +195,8 @@ class MemStoreClient:
         def chunks() -> Iterator[pb.UpdateChunk]:
             for start in range(0, max(len(ids), 1), rows_per_chunk):
                 stop = start + rows_per_chunk
-                header = dict(table=name, client_id=self.client_id, seq=seq, total_rows=len(ids)) if start == 0 else {}
+                header = ({"table": name, "client_id": self.client_id, "seq": seq, "total_rows": len(ids)}
+                          if start == 0 else {})
                 yield pb.UpdateChunk(ids=ids[start:stop].tobytes(), grads=grads[start:stop].tobytes(), **header)
         try:
             return self._stub.Update(chunks(), timeout=self.timeout_s, metadata=self._metadata).applied
@@ -232,7 +235,7 @@ class MemStoreClient:
         self._async_pool.shutdown(wait=True)
         self._channel.close()
 
-    def __enter__(self) -> "MemStoreClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,11 +21,11 @@ Consistency (`mode`):
 from __future__ import annotations
 
 import threading
-import weakref
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -9,9 +9,10 @@ one request per shard in parallel, and the answers are put back in request order
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Sequence
+from typing import Self
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class ShardedClient:
         order, parts = split_by_shard(ids, self.num_shards)
         futures = [shard.update_async(name, ids[order[part]], grads[order[part]])
                    for shard, part in zip(self.shards, parts) if part.stop > part.start]
-        return self._pool.submit(lambda: all([f.result() for f in futures]))
+        return self._pool.submit(lambda: all([f.result() for f in futures]))  # noqa: C419 - wait for every shard
 
     def stats(self) -> list:
         return [c.stats() for c in self.shards]
@@ -117,7 +118,7 @@ class ShardedClient:
             shard.close()
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "ShardedClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memstore: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - a CLI prints the error, not a traceback
+    except Exception as exc:
         from memstore.errors import MemStoreError
         if isinstance(exc, MemStoreError):
             print(f"memstore {args.command}: {exc}", file=sys.stderr)

@@ -65,7 +65,7 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"           # text | json (one JSON object per line)
 
-    def validate(self) -> "ServerConfig":
+    def validate(self) -> ServerConfig:
         _check(self.backend in ("ram", "lmdb"), f"backend must be ram or lmdb, got {self.backend!r}")
         _check(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
         _check(-1 <= self.metrics_port < 65536, f"metrics_port must be -1 or a port, got {self.metrics_port}")

@@ -5,7 +5,8 @@ path; table sizes are read from the store when Prometheus scrapes (no background
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -29,7 +30,7 @@ class Metrics:
         self.bytes = Counter("memstore_bytes", "payload bytes sent (Lookup) or received (Update)",
                              ["method", "table"], registry=r)
 
-    def watch_store(self, store: "Store") -> None:
+    def watch_store(self, store: Store) -> None:
         self.registry.register(_TableCollector(store))
 
     def serve_http(self, port: int, host: str) -> int:
@@ -39,7 +40,7 @@ class Metrics:
 
 
 class _TableCollector:
-    def __init__(self, store: "Store"):
+    def __init__(self, store: Store):
         self.store = store
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

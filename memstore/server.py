@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,8 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from memstore.backends import open_backend
 from memstore.config import ConfigError, ServerConfig
-from memstore.interceptors import (AuthInterceptor, ConcurrencyLimitInterceptor, ErrorInterceptor,
-                                   MetricsInterceptor)
+from memstore.interceptors import (
+    AuthInterceptor,
+    ConcurrencyLimitInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+)
 from memstore.metrics import Metrics
 from memstore.servicer import MemStoreServicer, add_to_server
 from memstore.store import ShardLayout, Store
@@ -145,7 +150,7 @@ async def _checkpoint_every(server: MemStoreServer, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await loop.run_in_executor(server.executor, server.store.backend.checkpoint)
-        except Exception:  # noqa: BLE001 - keep serving; the next interval tries again
+        except Exception:
             log.exception("periodic checkpoint failed")
 
 
@@ -188,7 +193,7 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self._thread.start()
         self.server, _ = asyncio.run_coroutine_threadsafe(create_server(self.config), self.loop).result()
         return self
@@ -201,7 +206,7 @@ class ServerThread:
         self._thread.join()
         self.loop.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,9 @@ Errors are raised as `memstore.errors` exceptions and mapped to status codes by
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -63,7 +64,7 @@ _HANDLER_FACTORIES = {
 }
 
 
-def rpc_method_handlers(servicer: "MemStoreServicer") -> dict[str, grpc.RpcMethodHandler]:
+def rpc_method_handlers(servicer: MemStoreServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The generated registration, except that pre-encoded responses skip protobuf serialisation."""
     handlers = {}
     for method in SERVICE.methods:
@@ -76,7 +77,7 @@ def rpc_method_handlers(servicer: "MemStoreServicer") -> dict[str, grpc.RpcMetho
     return handlers
 
 
-def add_to_server(servicer: "MemStoreServicer", server: grpc.aio.Server) -> None:
+def add_to_server(servicer: MemStoreServicer, server: grpc.aio.Server) -> None:
     handlers = rpc_method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
     server.add_registered_method_handlers(SERVICE.full_name, handlers)

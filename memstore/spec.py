@@ -131,7 +131,7 @@ class TableSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TableSpec":
+    def from_dict(cls, d: dict[str, Any]) -> TableSpec:
         return cls(name=d["name"], num_rows=int(d["num_rows"]), dim=int(d["dim"]), dtype=d["dtype"],
                    init=InitSpec(**d["init"]), optimizer=OptimizerSpec(**d["optimizer"]),
                    shard_index=int(d.get("shard_index", 0)), shard_count=int(d.get("shard_count", 1)))

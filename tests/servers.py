@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 from memstore.config import ServerConfig
 from memstore.server import ServerThread
@@ -27,10 +28,10 @@ class ServeProcess:
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(data_dir).parent / f"serve-{Path(data_dir).name}.log"
 
-    def start(self, timeout_s: float = 30.0) -> "ServeProcess":
+    def start(self, timeout_s: float = 30.0) -> ServeProcess:
         cmd = [sys.executable, "-m", "memstore.cli", "serve", "--port", str(self.port),
                "--backend", self.backend, "--data-dir", str(self.data_dir), *self.args]
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it until it exits
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=self.env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -58,11 +59,11 @@ class ServeProcess:
             self.proc.wait(timeout_s)
         return self.proc.returncode
 
-    def restart(self) -> "ServeProcess":
+    def restart(self) -> ServeProcess:
         """Start again on the same port and data dir (clients reconnect to the same target)."""
         return self.start()
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

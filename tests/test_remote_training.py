@@ -184,9 +184,9 @@ def test_misordered_shard_list_fails_loudly(tmp_path):
     for server in servers:
         server.start()
     try:
-        with ShardedClient([servers[1].target, servers[0].target]) as client:
-            with pytest.raises(FailedPrecondition, match="fix the target order"):
-                client.create_table("t", 100, 4)
+        with ShardedClient([servers[1].target, servers[0].target]) as client, \
+                pytest.raises(FailedPrecondition, match="fix the target order"):
+            client.create_table("t", 100, 4)
     finally:
         for server in servers:
             server.stop()

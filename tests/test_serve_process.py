@@ -17,7 +17,7 @@ pytestmark = pytest.mark.subprocess
 
 
 def memstore(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "memstore.cli", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "memstore.cli", *args], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -43,7 +43,7 @@ def test_bad_config_is_a_clear_error(tmp_path):
     config = tmp_path / "memstore.toml"
     config.write_text('backend = "ram"\nmax_rows_per_requets = 5\n')
     done = subprocess.run([sys.executable, "-m", "memstore.cli", "serve", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown keys ['max_rows_per_requets']" in done.stderr
 
 
@@ -104,5 +104,5 @@ def test_restart_with_another_shard_layout_is_refused(tmp_path):
     srv.stop()
     done = subprocess.run([sys.executable, "-m", "memstore.cli", "serve", "--backend", "lmdb", "--port", "0",
                            "--data-dir", str(tmp_path / "data"), "--shard-count", "3"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "created as shard 0 of 2" in done.stderr
