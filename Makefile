@@ -29,7 +29,12 @@ test-fast: venv
 demo: venv
 	$(BIN)/python -m demo $(ARGS)
 
+# Redis is the peer we compare with: installed when we are root on a Debian-like machine,
+# otherwise its rows in the results say it was skipped.
 bench: venv
+	@command -v redis-server >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) || \
+		echo "make bench: redis-server not installed; the Redis baseline will be skipped"
 	$(BIN)/python -m bench $(ARGS)
 
 # Regenerate the checked-in gRPC code; tests/test_proto.py fails when it is stale.

@@ -100,6 +100,7 @@ class MemStoreClient:
         self._async_pool = ThreadPoolExecutor(4, thread_name_prefix="memstore-async")
         self._update_sender = ThreadPoolExecutor(1, thread_name_prefix="memstore-update")  # keeps order
         self._seqs: dict[str, Iterator[int]] = {}
+        self._row_format: dict[str, tuple[int, np.dtype]] = {}  # table → (dim, storage dtype), learnt
         self._seq_lock = threading.Lock()
 
     # ---- tables -------------------------------------------------------------------------------
@@ -137,25 +138,37 @@ class MemStoreClient:
         parts = max(-(-len(ids) // self.max_ids_per_call), min(self.parallel_calls, len(ids) // MIN_IDS_PER_CALL))
         if parts <= 1:
             return self._lookup_part(name, ids)
-        pieces = np.array_split(ids, parts)
-        return np.concatenate(list(self._lookup_pool.map(lambda p: self._lookup_part(name, p), pieces)))
+        if name not in self._row_format:
+            self._lookup_part(name, ids[:0])  # an empty lookup tells the row format, moving no rows
+        dim, dtype = self._row_format[name]
+        out = np.empty((len(ids), dim), dtype)
+        bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+        try:
+            list(self._lookup_pool.map(lambda b: self._lookup_part(name, ids[b[0]:b[1]], out[b[0]:b[1]]),
+                                       itertools.pairwise(bounds)))  # each part streams into its slice
+        except _RowFormatChanged:  # the table was dropped and re-created with other rows
+            return self._lookup_part(name, ids)
+        return out
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows."""
         ids = np.array(ids, dtype="<i8").reshape(-1)  # copy: the caller may reuse its buffer
         return self._async_pool.submit(self.lookup, name, ids)
 
-    def _lookup_part(self, name: str, ids: np.ndarray) -> np.ndarray:
+    def _lookup_part(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         request = pb.LookupRequest(table=name, ids=ids.tobytes())
-        return self._retry(lambda: self._receive_rows(request, len(ids)))
+        return self._retry(lambda: self._receive_rows(request, len(ids), out))
 
-    def _receive_rows(self, request: pb.LookupRequest, n: int) -> np.ndarray:
-        out = None
+    def _receive_rows(self, request: pb.LookupRequest, n: int, out: np.ndarray | None) -> np.ndarray:
         try:
             for message in self._lookup_raw(request, timeout=self.timeout_s, metadata=self._metadata):
                 payload, row_offset, dtype, dim = decode_lookup_chunk(message)
+                row_format = (dim, storage_dtype(PB_TO_DTYPE[dtype]))
+                self._row_format[request.table] = row_format
                 if out is None:
-                    out = np.empty((n, dim), dtype=storage_dtype(PB_TO_DTYPE[dtype]))
+                    out = np.empty((n, dim), dtype=row_format[1])
+                elif (out.shape[1], out.dtype) != row_format:
+                    raise _RowFormatChanged
                 rows = np.frombuffer(payload, dtype=out.dtype).reshape(-1, dim)
                 out[row_offset:row_offset + len(rows)] = rows
         except grpc.RpcError as exc:
@@ -240,6 +253,10 @@ class MemStoreClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _RowFormatChanged(Exception):
+    """A table's rows no longer have the (dim, dtype) this client learnt for it."""
 
 
 def _as_error(exc: grpc.RpcError) -> MemStoreError:

@@ -255,3 +255,14 @@ def test_concurrency_limit_pushes_back_with_resource_exhausted(tmp_path):
             with ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lookup, range(16)))
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+
+
+def test_split_lookups_follow_a_table_recreated_with_other_rows(client):
+    client.create_table("t", 100_000, 8, init="uniform", init_scale=1.0)
+    ids = RNG.integers(0, 100_000, 40_000)  # large enough to be split into parallel calls
+    assert client.lookup("t", ids).shape == (40_000, 8)
+    client.drop_table("t")
+    client.create_table("t", 100_000, 16, dtype="float16", init="uniform", init_scale=1.0)
+    rows = client.lookup("t", ids)
+    assert rows.shape == (40_000, 16) and rows.dtype == np.float16
+    np.testing.assert_array_equal(rows[:100], client.lookup("t", ids[:100]))
