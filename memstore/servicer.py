@@ -133,19 +133,22 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
         if self.lookup_delay_s:
             await asyncio.sleep(self.lookup_delay_s)
-        rows = await self._run(self.store.lookup, request.table, parse_ids(request.ids))  # (n, dim)
-        n, dim = rows.shape
-        self.metrics.rows.labels("Lookup", request.table).inc(n)
-        self.metrics.bytes.labels("Lookup", request.table).inc(rows.nbytes)
-        if n == 0:
-            yield encode_lookup_chunk(b"", 0, dtype, dim)
+        spec = self.store.spec(request.table)
+        ids = parse_ids(request.ids)
+        rows_per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
+        blocks = await self._run(self.store.lookup_blocks, request.table, ids, rows_per_chunk)
+        self.metrics.rows.labels("Lookup", request.table).inc(len(ids))
+        self.metrics.bytes.labels("Lookup", request.table).inc(len(ids) * spec.row_bytes)
+        if len(ids) == 0:
+            yield encode_lookup_chunk(b"", 0, dtype, spec.dim)
             return
-        row_bytes = rows.strides[0]
-        rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
-        payload = memoryview(rows).cast("B")
-        for start in range(0, n, rows_per_chunk):
-            stop = min(n, start + rows_per_chunk)
-            yield encode_lookup_chunk(payload[start * row_bytes:stop * row_bytes], start, dtype, dim)
+        # Gather block k+1 on the thread pool while block k is being sent.
+        upcoming = self._run(next, blocks, None)
+        start = 0
+        while (block := await upcoming) is not None:
+            upcoming = self._run(next, blocks, None)
+            yield encode_lookup_chunk(memoryview(block).cast("B"), start, dtype, spec.dim)
+            start += len(block)
 
     async def Update(self, request_iterator, context) -> pb.UpdateResponse:
         first = await anext(aiter(request_iterator), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,14 +135,22 @@ class Store:
 
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows [n, dim] (storage dtype) for global row ids (int64 [n]), in request order."""
+        table, local_ids = self._checked_lookup(name, ids)
+        return table.lookup(local_ids)
+
+    def lookup_blocks(self, name: str, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
+        """`lookup` as consecutive blocks of rows; the whole request is validated first."""
+        table, local_ids = self._checked_lookup(name, ids)
+        return table.lookup_blocks(local_ids, rows_per_block)
+
+    def _checked_lookup(self, name: str, ids: np.ndarray) -> tuple[Table, np.ndarray]:
         table = self.backend.get(name)
         self._check_count(len(ids), "Lookup", table.spec.row_bytes)
         local_ids = self._to_local(table, ids)
-        rows = table.lookup(local_ids)
         counters = self._counter(name)
         counters.lookups += 1
         counters.lookup_rows += len(ids)
-        return rows
+        return table, local_ids
 
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> tuple[bool, int]:
         """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim]."""

@@ -22,6 +22,7 @@ or after it). A table dropped or closed raises `NotFound`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,14 @@ class Table(ABC):
         Returns a C-contiguous array [n, dim] of the storage dtype, in the order of `ids`.
         A row never written reads as its deterministic initial value.
         """
+
+    def lookup_blocks(self, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
+        """The rows of `lookup(ids)` as consecutive blocks of at most `rows_per_block` rows, so the
+        server can send the first block while it gathers the next. By default one lookup
+        (one consistent read: what LMDB promises), then sliced; RAM gathers block by block."""
+        rows = self.lookup(ids)
+        for start in range(0, len(rows), rows_per_block):
+            yield rows[start:start + rows_per_block]
 
     @abstractmethod
     def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:

@@ -135,6 +135,12 @@ class RamTable(Table):
             self._try_materialize(fresh_ids, initial)
         return out
 
+    def lookup_blocks(self, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
+        # RAM reads are per row anyway (see the module doc), so nothing is lost by gathering
+        # block by block, and the first block leaves while the rest is gathered.
+        for start in range(0, len(ids), rows_per_block):
+            yield self.lookup(ids[start:start + rows_per_block])
+
     def _try_materialize(self, ids: np.ndarray, initial: np.ndarray) -> None:
         """Keep initial rows a lookup computed, so the update that usually follows (or the next
         lookup) need not compute them again. Skipped while a writer holds the lock: lookups
