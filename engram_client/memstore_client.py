@@ -35,7 +35,7 @@ from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import sum_duplicates
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
-from memstore.wire import decode_lookup_chunk
+from memstore.wire import decode_lookup_chunk, encode_update_chunk
 
 T = TypeVar("T")
 _MESSAGE_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")  # gRPC's, final
@@ -96,6 +96,9 @@ class MemStoreClient:
         self._lookup_raw = self._channel.unary_stream(
             "/memstore.v1.MemStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString,
             response_deserializer=None)
+        self._update_raw = self._channel.stream_unary(
+            "/memstore.v1.MemStore/Update", request_serializer=None,
+            response_deserializer=pb.UpdateResponse.FromString)
         self._lookup_pool = ThreadPoolExecutor(parallel_calls, thread_name_prefix="memstore-lookup")
         self._async_pool = ThreadPoolExecutor(4, thread_name_prefix="memstore-async")
         self._update_sender = ThreadPoolExecutor(1, thread_name_prefix="memstore-update")  # keeps order
@@ -191,7 +194,7 @@ class MemStoreClient:
         summed_ids, summed = sum_duplicates(ids, grads)
         if summed_ids is ids:  # already sorted and unique: nothing was copied, but the caller may
             summed_ids, summed = ids.copy(), summed.copy()  # reuse its buffers before this is sent
-        ids, grads = summed_ids, summed
+        ids, grads = np.ascontiguousarray(summed_ids), np.ascontiguousarray(summed)  # sent as raw bytes
         return self._update_sender.submit(self._send_update, name, ids, grads)
 
     def _send_update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
@@ -205,14 +208,18 @@ class MemStoreClient:
     def _stream_update(self, name: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> bool:
         rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
 
-        def chunks() -> Iterator[pb.UpdateChunk]:
+        id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
+        grad_row = grads.shape[1] * grads.itemsize
+
+        def chunks() -> Iterator[bytes]:
             for start in range(0, max(len(ids), 1), rows_per_chunk):
-                stop = start + rows_per_chunk
+                stop = min(len(ids), start + rows_per_chunk)
                 header = ({"table": name, "client_id": self.client_id, "seq": seq, "total_rows": len(ids)}
                           if start == 0 else {})
-                yield pb.UpdateChunk(ids=ids[start:stop].tobytes(), grads=grads[start:stop].tobytes(), **header)
+                yield encode_update_chunk(id_bytes[start * 8:stop * 8],
+                                          grad_bytes[start * grad_row:stop * grad_row], **header)
         try:
-            return self._stub.Update(chunks(), timeout=self.timeout_s, metadata=self._metadata).applied
+            return self._update_raw(chunks(), timeout=self.timeout_s, metadata=self._metadata).applied
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
 

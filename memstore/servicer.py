@@ -21,7 +21,7 @@ from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import GRAD_DTYPE, ID_DTYPE, Store, TableView, parse_grads, parse_ids
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
-from memstore.wire import encode_lookup_chunk
+from memstore.wire import UpdateChunk, WireError, decode_update_chunk, encode_lookup_chunk
 
 CHUNK_BYTES = 1 << 20  # ~1 MiB per streamed message: well inside gRPC's default 4 MiB limit
 
@@ -55,7 +55,15 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemStore"]
+
+
+def _update_chunk(raw: bytes) -> UpdateChunk:
+    try:
+        return decode_update_chunk(raw)
+    except WireError as exc:
+        raise InvalidArgument(f"Update: malformed UpdateChunk: {exc}") from None
 PRE_ENCODED_RESPONSES = {"Lookup"}  # handlers that yield serialised bytes themselves
+RAW_REQUESTS = {"Update"}            # handlers that decode their request bytes themselves
 
 _HANDLER_FACTORIES = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -72,7 +80,7 @@ def rpc_method_handlers(servicer: MemStoreServicer) -> dict[str, grpc.RpcMethodH
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=None if method.name in RAW_REQUESTS else getattr(pb, method.input_type.name).FromString,
             response_serializer=None if method.name in PRE_ENCODED_RESPONSES else response_type.SerializeToString)
     return handlers
 
@@ -151,9 +159,11 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
             start += len(block)
 
     async def Update(self, request_iterator, context) -> pb.UpdateResponse:
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
+        """Reads serialised UpdateChunk messages (decoded by hand: see memstore.wire)."""
+        raw = await anext(aiter(request_iterator), None)
+        if raw is None:
             raise InvalidArgument("Update: empty stream (the first chunk must carry table, total_rows, ...)")
+        first = _update_chunk(raw)
         spec = self.store.check_update_size(first.table, first.total_rows)
         ids, grads = await self._receive_update(first, request_iterator, spec.dim)
         applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id, first.seq)
@@ -161,14 +171,14 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         self.metrics.bytes.labels("Update", first.table).inc(ids.nbytes + grads.nbytes)
         return pb.UpdateResponse(applied=applied, rows=rows)
 
-    async def _receive_update(self, first: pb.UpdateChunk, rest, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    async def _receive_update(self, first: UpdateChunk, rest, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy the streamed chunks into buffers sized by the header, refusing any overflow."""
         total = first.total_rows
         ids = np.empty(total, dtype=ID_DTYPE)
         grads = np.empty((total, dim), dtype=GRAD_DTYPE)
         filled = 0
 
-        def take(chunk: pb.UpdateChunk) -> None:
+        def take(chunk: UpdateChunk) -> None:
             nonlocal filled
             chunk_ids = parse_ids(chunk.ids)
             if filled + len(chunk_ids) > total:
@@ -178,8 +188,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
             filled += len(chunk_ids)
 
         take(first)
-        async for chunk in rest:
-            take(chunk)
+        async for raw in rest:
+            take(_update_chunk(raw))
         if filled != total:
             raise InvalidArgument(f"Update: total_rows={total} but the chunks carried {filled} rows")
         return ids, grads

@@ -1,16 +1,21 @@
-"""Hand-encoded `LookupChunk` messages: the one hot message, kept off the protobuf object path.
+"""Hand-encoded protobuf for the two bulk messages: `LookupChunk` (out) and `UpdateChunk` (in).
 
-A Lookup streams megabytes of rows. Building a protobuf message copies the payload into it and
-serialising copies it again (and parsing on the client once more). The wire format of a message
-with one `bytes` field and three varints is simple, so the server writes it directly (one copy,
-`b"".join`) and the client reads the payload as a view of the received buffer. The bytes on the
-wire are an ordinary `memstore.v1.LookupChunk`: any protobuf client can still parse them
-(tests/test_wire.py checks both directions against the generated code).
+These carry megabytes of rows and gradients. Through protobuf objects the payload is copied into
+the message, copied again when serialised and once more when parsed. The wire format of a
+message made of `bytes`/`string` fields and varints is simple, so the server and the client
+write it directly (one copy, `b"".join`) and read payloads as views of the received buffer.
+The bytes on the wire are ordinary `memstore.v1` messages: any protobuf client can still talk to
+the server (tests/test_wire.py checks both directions against the generated code).
 """
 from __future__ import annotations
 
-_ROWS, _ROW_OFFSET, _DTYPE, _DIM = 1, 2, 3, 4  # field numbers in memstore.proto
-_LEN, _VARINT = 2, 0                           # wire types
+from dataclasses import dataclass
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # wire types
+
+
+class WireError(ValueError):
+    """Bytes that are not a well-formed message."""
 
 
 def _varint(value: int) -> bytes:
@@ -22,18 +27,26 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode_lookup_chunk(rows: memoryview | bytes, row_offset: int, dtype: int, dim: int) -> bytes:
-    """Serialised `LookupChunk(rows=rows, row_offset=..., dtype=..., dim=...)`."""
-    head = bytes([_ROWS << 3 | _LEN]) + _varint(len(rows))
-    tail = (bytes([_ROW_OFFSET << 3 | _VARINT]) + _varint(row_offset)
-            + bytes([_DTYPE << 3 | _VARINT]) + _varint(dtype)
-            + bytes([_DIM << 3 | _VARINT]) + _varint(dim))
-    return b"".join((head, rows, tail))
+def encode(fields: list[tuple[int, int | str | bytes | memoryview]]) -> bytes:
+    """Serialise (field number, value) pairs: ints as varints, the rest length-delimited.
+    Zero ints and empty payloads are left out, as proto3 does."""
+    parts: list[bytes | memoryview] = []
+    for number, value in fields:
+        if isinstance(value, int):
+            if value:
+                parts += [_varint(number << 3 | _VARINT), _varint(value)]
+        else:
+            payload = value.encode() if isinstance(value, str) else value
+            if len(payload):
+                parts += [_varint(number << 3 | _LEN), _varint(len(payload)), payload]
+    return b"".join(parts)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
+        if pos >= len(buf) or shift > 63:
+            raise WireError("truncated or overlong varint")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -42,21 +55,77 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def decode_lookup_chunk(data: bytes) -> tuple[memoryview, int, int, int]:
-    """(rows view, row_offset, dtype, dim) from a serialised LookupChunk, fields in any order."""
+def decode(data: bytes | memoryview) -> dict[int, int | memoryview]:
+    """Field number → varint value or payload view (the last occurrence wins, as in protobuf)."""
     buf = memoryview(data)
-    rows, fields = buf[:0], {_ROW_OFFSET: 0, _DTYPE: 0, _DIM: 0}
+    fields: dict[int, int | memoryview] = {}
     pos = 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         number, kind = key >> 3, key & 7
-        if kind == _LEN:
-            length, pos = _read_varint(buf, pos)
-            if number == _ROWS:
-                rows = buf[pos:pos + length]
-            pos += length
-        elif kind == _VARINT:
+        if kind == _VARINT:
             fields[number], pos = _read_varint(buf, pos)
+        elif kind == _LEN:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > len(buf):
+                raise WireError(f"field {number} claims {length} bytes, {len(buf) - pos} remain")
+            fields[number], pos = buf[pos:pos + length], pos + length
+        elif kind in (_I64, _I32):
+            pos += 8 if kind == _I64 else 4
         else:
-            raise ValueError(f"unexpected wire type {kind} for field {number} in LookupChunk")
-    return rows, fields[_ROW_OFFSET], fields[_DTYPE], fields[_DIM]
+            raise WireError(f"unsupported wire type {kind} for field {number}")
+    if pos != len(buf):
+        raise WireError("message ends inside a field")
+    return fields
+
+
+# ---- LookupChunk: rows = 1, row_offset = 2, dtype = 3, dim = 4 -------------------------------
+
+def encode_lookup_chunk(rows: memoryview | bytes, row_offset: int, dtype: int, dim: int) -> bytes:
+    return encode([(1, rows), (2, row_offset), (3, dtype), (4, dim)])
+
+
+def decode_lookup_chunk(data: bytes) -> tuple[memoryview, int, int, int]:
+    """(rows view, row_offset, dtype, dim)."""
+    f = decode(data)
+    return _bytes(f, 1), _int(f, 2), _int(f, 3), _int(f, 4)
+
+
+# ---- UpdateChunk: table = 1, client_id = 2, seq = 3, total_rows = 4, ids = 5, grads = 6 ------
+
+@dataclass(frozen=True)
+class UpdateChunk:
+    table: str
+    client_id: str
+    seq: int
+    total_rows: int
+    ids: memoryview
+    grads: memoryview
+
+
+def encode_update_chunk(ids: memoryview | bytes, grads: memoryview | bytes, *, table: str = "",
+                        client_id: str = "", seq: int = 0, total_rows: int = 0) -> bytes:
+    return encode([(1, table), (2, client_id), (3, seq), (4, total_rows), (5, ids), (6, grads)])
+
+
+def decode_update_chunk(data: bytes) -> UpdateChunk:
+    f = decode(data)
+    try:
+        table, client_id = bytes(_bytes(f, 1)).decode(), bytes(_bytes(f, 2)).decode()
+    except UnicodeDecodeError as exc:
+        raise WireError(f"UpdateChunk: table or client_id is not UTF-8 ({exc})") from None
+    return UpdateChunk(table, client_id, _int(f, 3), _int(f, 4), _bytes(f, 5), _bytes(f, 6))
+
+
+def _int(fields: dict, number: int) -> int:
+    value = fields.get(number, 0)
+    if not isinstance(value, int):
+        raise WireError(f"field {number} should be a varint")
+    return value
+
+
+def _bytes(fields: dict, number: int) -> memoryview:
+    value = fields.get(number, memoryview(b""))
+    if isinstance(value, int):
+        raise WireError(f"field {number} should be length-delimited")
+    return value
