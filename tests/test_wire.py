@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 
 from memstore.v1 import memstore_pb2 as pb
-from memstore.wire import (WireError, decode, decode_lookup_chunk, decode_update_chunk, encode_lookup_chunk,
-                           encode_update_chunk)
+from memstore.wire import (
+    WireError,
+    decode,
+    decode_lookup_chunk,
+    decode_update_chunk,
+    encode_lookup_chunk,
+    encode_update_chunk,
+)
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
 
