@@ -30,6 +30,7 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
         ("train FLOPs / token", _fmt_count(base["flops"]["train"]), _fmt_count(eng["flops"]["train"])),
         ("step time, median (ms)", f"{b['step_ms_median']:.0f}", f"{e['step_ms_median']:.0f}"),
         ("train tokens / s", f"{b['tokens_per_s']:,.0f}", f"{e['tokens_per_s']:,.0f}"),
+        ("machine load while training (1-min avg)", f"{b['load_avg_mean']:.1f}", f"{e['load_avg_mean']:.1f}"),
         ("prefetch wait / step, mean (ms)", "-", f"{e['prefetch_wait_ms_mean']:.1f}"),
         ("unique table rows / step", "-", f"{e['rows_per_step_mean']:,.0f}"),
     ]
@@ -81,7 +82,9 @@ def plot_losses(results: list[RunResult], path: Path) -> None:
         ax.plot(result.steps, _ema(result.train_loss), color=color, alpha=0.6, lw=1,
                 label=f"{result.name} train (EMA 0.9)")
         ax.plot(result.val_steps, result.val_loss, color=color, marker="o", ms=3, lw=1.5,
-                label=f"{result.name} validation")
+                label=f"{result.name} validation check (first windows only)")
+        ax.plot(result.steps[-1], result.final_val_loss, color=color, marker="*", ms=11, ls="none",
+                label=f"{result.name} final, all validation tokens: {result.final_val_loss:.3f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("Baseline vs Engram: same seed, same token stream")
@@ -148,7 +151,7 @@ def report_markdown(metrics: dict) -> str:
         "",
         f"- corpus: {corpus['description']}; split by file, validation files: {val_names}",
         f"- tokenizer: {tokens}",
-        f"- model: `{metrics['model_config']}`",
+        f"- model (baseline; the Engram model adds engram_layer): `{metrics['model_config']}`",
         f"- training: `{metrics['train']}`",
         f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']}, mode {eng_cfg['mode']}",
         f"- {FLOPS_NOTE}",

@@ -8,6 +8,7 @@ table source ships during backward) or, for `--tables local`, with `RowwiseAdam`
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ class RunResult:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     tokens_seen: int = 0
+    load_avg: list[float] = field(default_factory=list)  # 1-min load average at each validation check
 
     def summary(self) -> dict:
         warm = self.step_ms[5:] or self.step_ms  # the first steps pay for allocator warm-up
@@ -64,6 +66,8 @@ class RunResult:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "tokens_seen": self.tokens_seen,
+            # other processes on the machine make step times incomparable: this says how busy it was
+            "load_avg_mean": float(np.mean(self.load_avg)) if self.load_avg else float("nan"),
         }
 
 
@@ -165,6 +169,7 @@ def train_model(name: str, model: GPT, train_ids: np.ndarray, val: tuple[torch.T
             eval_start = time.perf_counter()
             result.val_steps.append(step)
             result.val_loss.append(evaluate(model, eval_x, eval_y))
+            result.load_avg.append(os.getloadavg()[0])
             result.eval_seconds += time.perf_counter() - eval_start
             if not show_progress:  # logs (CI, containers) still get one line per check
                 print(f"{name:>8} step {step:>5}/{cfg.steps}: {_postfix(smooth_loss, result, tokens)}")

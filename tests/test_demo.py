@@ -196,3 +196,29 @@ def test_ctrl_c_stops_the_daemon(tmp_path):
     assert "memstore daemon stopped" in output
     with pytest.raises(ProcessLookupError):
         os.kill(daemon_pid, 0)
+
+
+@pytest.mark.subprocess
+def test_quick_demo_against_running_shards(tmp_path):
+    """--memstore: no daemon of its own; the run's table lives on the given shards and is dropped after."""
+    from engram_client.sharded import ShardedClient
+    from tests.servers import ServeProcess
+
+    shards = [ServeProcess(tmp_path / f"shard{i}", "ram", "--shard-index", str(i), "--shard-count", "2")
+              for i in range(2)]
+    for shard in shards:
+        shard.start()
+    try:
+        targets = ",".join(s.target for s in shards)
+        proc = run_demo(tmp_path / "runs", "--memstore", targets, "--steps", "20")
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output[-3000:]
+        assert "memstore daemon" not in output  # nothing was started
+        (run_dir,) = (tmp_path / "runs").iterdir()
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert m["memstore"]["shards"] == 2 and m["memstore"]["tables"][0]["rows_materialized"] > 0
+        with ShardedClient(targets) as client:
+            assert client.list_tables() == []  # dropped at the end
+    finally:
+        for shard in shards:
+            shard.stop()
