@@ -1,6 +1,6 @@
 """`python -m demo` (`make demo`): a memstore daemon, a baseline GPT and an Engram GPT, a report.
 
-    make demo                          # ~10 min on 2 CPU cores
+    make demo                          # 5-8 min on 2 CPU cores
     make demo ARGS="--quick"           # < 2 min smoke run
     make demo ARGS="--memstore h1:50051,h2:50051"   # train against running shards
     python -m demo --help              # every knob
@@ -8,16 +8,10 @@
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads OpenMP: busy-waiting worker threads collapse when the cores are shared with
-# the memstore daemon (or anything else); measured on 2 busy cores, 2-thread steps took 4.8 s
-# spinning vs 1.8 s passive. Set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import dataclasses
 import datetime as dt
+import os
 import platform
 import shlex
 import shutil
@@ -33,20 +27,9 @@ from demo.corpus import load_corpus
 from demo.memory import EngramMemory, EngramSettings
 from demo.model import GPT, GPTConfig
 from demo.report import console_table, write_outputs
+from demo.settings import CACHE_DIR, DEFAULTS, QUICK
 from demo.tokenizer import tokenize_corpus
 from demo.train import TrainConfig, train_model, val_windows
-
-CACHE_DIR = Path(".cache/demo")
-
-# --quick: tiny model, few steps, a slice of the corpus (the smoke test in `make test` runs it).
-# One thread: for a model this small a second one only adds synchronisation.
-QUICK = {"steps": 60, "batch_size": 8, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64,
-         "vocab_size": 1024, "table_rows": 10_007, "embed_per_ngram": 64, "max_corpus_mb": 0.5,
-         "val_tokens": 16_384, "eval_interval": 20, "eval_windows": 16, "sample_tokens": 40, "threads": 1}
-DEFAULTS = {"steps": 300, "batch_size": 16, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 256,
-            "vocab_size": 4096, "table_rows": 100_003, "embed_per_ngram": 128, "max_corpus_mb": 0,
-            "val_tokens": 0, "eval_interval": 50, "eval_windows": 48, "sample_tokens": 120, "lr": 2e-3,
-            "threads": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {run_dir}")
 
-    daemon, client = None, None
+    # The daemon object exists before its process does, so `finally` stops it whenever Ctrl-C lands.
+    daemon = _daemon(args, run_dir)
+    client = None
     try:
-        daemon, client = _connect(args, run_dir)
-        metrics, results = run(args, client, daemon, run_dir, stamp)
+        client = _connect(args, daemon)
+        metrics, results = run(args, client, daemon, stamp)
         metrics["run"]["wall_seconds"] = time.perf_counter() - started
         paths = write_outputs(run_dir, metrics, results)
         print("\n" + console_table(metrics))
@@ -131,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.memstore and not args.keep_data:
                 _drop_run_tables(client, f"demo_{stamp}_")
             client.close()
-        if daemon is not None:
+        if daemon is not None and daemon.proc is not None:
             code = daemon.stop()
             print(f"memstore daemon stopped (exit code {code})")
             if not args.keep_data:
@@ -157,27 +142,33 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _connect(args: argparse.Namespace, run_dir: Path):
-    """Start the daemon (or use --memstore shards) and open a client; (None, None) for local tables."""
+def _daemon(args: argparse.Namespace, run_dir: Path) -> MemstoreDaemon | None:
+    """The daemon to start, unless the tables are local or --memstore names running shards."""
+    if args.tables == "local" or args.memstore:
+        return None
+    extra = ("--lmdb-sync", args.lmdb_sync) if args.backend == "lmdb" else ()
+    return MemstoreDaemon(run_dir / "memstore-data", args.backend, extra)
+
+
+def _connect(args: argparse.Namespace, daemon: MemstoreDaemon | None):
+    """Start the daemon if there is one and open a client (None for local tables)."""
     if args.tables == "local":
-        return None, None
+        return None
     from engram_client.memstore_client import MemStoreClient
     from engram_client.sharded import ShardedClient
 
-    daemon = None
-    if args.memstore:
-        targets = [t.strip() for t in args.memstore.split(",") if t.strip()]
-    else:
-        extra = ("--lmdb-sync", args.lmdb_sync) if args.backend == "lmdb" else ()
-        daemon = MemstoreDaemon(run_dir / "memstore-data", args.backend, extra).start()
+    if daemon is not None:
+        daemon.start()
         targets = [daemon.target]
         print(f"memstore daemon: pid {daemon.proc.pid}, {daemon.target}, {args.backend} backend "
               f"in {daemon.data_dir} (log {daemon.log_path})")
-    client = MemStoreClient(targets[0]) if len(targets) == 1 else ShardedClient(targets)
-    return daemon, client
+    else:
+        targets = [t.strip() for t in args.memstore.split(",") if t.strip()]
+    return MemStoreClient(targets[0]) if len(targets) == 1 else ShardedClient(targets)
 
 
-def run(args, client, daemon, run_dir: Path, stamp: str) -> tuple[dict, list]:
+def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
+    """Data, models, training, evaluation, samples; returns (metrics, per-model results)."""
     corpus = load_corpus(args.corpus, max_train_bytes=int(args.max_corpus_mb * 1e6))
     print(f"corpus: {corpus.describe()}")
     t0 = time.perf_counter()
@@ -185,7 +176,7 @@ def run(args, client, daemon, run_dir: Path, stamp: str) -> tuple[dict, list]:
     print(f"tokenizer: {tok.vocab_size} ids, {len(tok.train_ids):,} train / {len(tok.val_ids):,} validation tokens "
           f"({'cached' if tok.cached else f'trained in {time.perf_counter() - t0:.1f} s'}: {tok.cache_dir})")
     val_ids = tok.val_ids[: args.val_tokens + 1] if args.val_tokens else tok.val_ids
-    val = val_windows(val_ids, args.block_size)
+    val = val_windows(val_ids, args.block_size)  # (W, T) inputs and targets
 
     settings = EngramSettings(layer=args.engram_layer, max_ngram_size=args.max_ngram,
                               heads_per_ngram=args.heads_per_ngram, embed_per_ngram=args.embed_per_ngram,
@@ -202,28 +193,18 @@ def run(args, client, daemon, run_dir: Path, stamp: str) -> tuple[dict, list]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             eval_interval=args.eval_interval, eval_windows=args.eval_windows,
                             warmup_steps=min(30, max(1, args.steps // 10)))
-    torch.manual_seed(args.seed)
-    baseline = GPT(model_cfg, seed=args.seed)
-    torch.manual_seed(args.seed)
-    engram = GPT(dataclasses.replace(model_cfg, engram_layer=settings.layer), memory.make_block, seed=args.seed)
-    models = {"baseline": baseline, "engram": engram}
-    for name, model in models.items():
-        params, flops = model.param_counts(), model.flops_per_token()
-        print(f"{name:>8}: {params['dense'] / 1e6:.2f} M dense + {params['table'] / 1e6:.2f} M table parameters, "
-              f"{flops['train'] / 1e6:.1f} MFLOPs/token train ({flops['forward'] / 1e6:.1f} forward)")
+    models = _build_models(model_cfg, memory, args.seed)
+    show = not args.no_progress
+    results = [train_model("baseline", models["baseline"], tok.train_ids, val, train_cfg, show_progress=show),
+               train_model("engram", models["engram"], tok.train_ids, val, train_cfg, memory, show_progress=show)]
 
-    results = [train_model("baseline", baseline, tok.train_ids, val, train_cfg, show_progress=not args.no_progress),
-               train_model("engram", engram, tok.train_ids, val, train_cfg, memory, show_progress=not args.no_progress)]
-
-    collisions = memory.collisions(val_ids, args.block_size)
-    samples = _samples(models, tok, args)
     metrics = {
         "run": {"timestamp": stamp, "command": "python -m demo " + shlex.join(sys.argv[1:]),
                 "machine": _machine(), "torch_threads": torch.get_num_threads()},
         "corpus": {"root": str(corpus.root), "description": corpus.describe(), "digest": corpus.digest,
                    "train_names": [p.name for p in corpus.train_files], "val_names": [p.name for p in corpus.val_files]},
         "tokenizer": {"vocab_size": tok.vocab_size, "compressed_vocab": memory.compressed_vocab,
-                      "train_tokens": len(tok.train_ids), "val_tokens": len(val_ids) - 1, "cache": str(tok.cache_dir)},
+                      "train_tokens": len(tok.train_ids), "val_tokens": val[1].numel(), "cache": str(tok.cache_dir)},
         "model_config": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg),
         "engram": {"config": dataclasses.asdict(memory.config), "tables": settings.tables, "mode": settings.mode,
@@ -232,10 +213,23 @@ def run(args, client, daemon, run_dir: Path, stamp: str) -> tuple[dict, list]:
         "models": {r.name: {"params": models[r.name].param_counts(), "flops": models[r.name].flops_per_token(),
                             "summary": r.summary(), "curves": dataclasses.asdict(r)} for r in results},
         "memstore": _memstore_stats(client, memory.table_name),
-        "collisions": collisions,
-        "samples": samples,
+        "collisions": memory.collisions(val_ids, args.block_size),
+        "samples": _samples(models, tok, args),
     }
     return metrics, results
+
+
+def _build_models(model_cfg: GPTConfig, memory: EngramMemory, seed: int) -> dict[str, GPT]:
+    """The baseline and the Engram model, with identical backbone weights (see GPT.__init__)."""
+    models = {"baseline": GPT(model_cfg, seed=seed)}
+    torch.manual_seed(seed)  # the Engram block's own init does not depend on what ran before
+    engram_cfg = dataclasses.replace(model_cfg, engram_layer=memory.settings.layer)
+    models["engram"] = GPT(engram_cfg, memory.make_block, seed=seed)
+    for name, model in models.items():
+        params, flops = model.param_counts(), model.flops_per_token()
+        print(f"{name:>8}: {params['dense'] / 1e6:.2f} M dense + {params['table'] / 1e6:.2f} M table parameters, "
+              f"{flops['train'] / 1e6:.1f} MFLOPs/token train ({flops['forward'] / 1e6:.1f} forward)")
+    return models
 
 
 def _samples(models: dict, tok, args) -> dict[str, str]:

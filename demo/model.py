@@ -17,7 +17,8 @@ tokens for the hash, the ShortConv's left context), so each new token costs one 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,11 +81,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, state: DecodeState | None = None,
-                layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, kv: KVCache | None = None,
+                engram_state: EngramState | None = None) -> torch.Tensor:
+        """x (B, T, C), idx (B, T) -> (B, T, C); `kv`/`engram_state` only when decoding."""
         if self.engram is not None:
-            x = x + self.engram(x, idx, state=None if state is None else state.engram)  # (B, T, C)
-        x = x + self.attn(self.ln_1(x), None if state is None else state.kv[layer])
+            x = x + self.engram(x, idx, state=engram_state)  # memory read first, as in the reference
+        x = x + self.attn(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -107,14 +109,16 @@ class KVCache:
 
 @dataclass
 class DecodeState:
-    kv: list[KVCache]
+    """Everything incremental decoding carries from one forward call to the next."""
+
+    kv: list[KVCache]  # one per block
     engram: EngramState | None
     pos: int = 0  # positions consumed so far
-    extra: dict = field(default_factory=dict)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, engram_factory=None, seed: int = 0) -> None:
+    def __init__(self, config: GPTConfig, engram_factory: Callable[[int, int], EngramBlock] | None = None,
+                 seed: int = 0) -> None:
         """`engram_factory(layer_id, hidden_size) -> EngramBlock` builds the Engram layer's block
         (it decides where the tables live); required when config.engram_layer is set. The backbone
         is initialised from `seed` alone, so a baseline and an Engram model built with the same
@@ -161,7 +165,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block(x, idx, state, layer)
+            if state is None:
+                x = block(x, idx)
+            else:
+                x = block(x, idx, state.kv[layer], state.engram)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if state is not None:
             state.pos += T

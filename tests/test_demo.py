@@ -182,16 +182,19 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.subprocess
-def test_ctrl_c_stops_the_daemon(tmp_path):
+@pytest.mark.parametrize("interrupt_at", ["memstore daemon: pid", "  engram step"], ids=["at-start", "mid-engram"])
+def test_ctrl_c_stops_the_daemon(tmp_path, interrupt_at):
     proc = run_demo(tmp_path)
     daemon_pid = None
-    for line in proc.stdout:
+    while line := proc.stdout.readline():
         if line.startswith("memstore daemon: pid"):
             daemon_pid = int(line.split()[3].rstrip(","))
+        if line.startswith(interrupt_at):
             break
     assert daemon_pid is not None
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    output = proc.stdout.read()  # the buffered rest (communicate() with a timeout would skip the buffer)
     assert proc.returncode == 130, output[-2000:]
     assert "memstore daemon stopped" in output
     with pytest.raises(ProcessLookupError):
