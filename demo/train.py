@@ -126,8 +126,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def backbone_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over every parameter that is not a table row; decay only on matrices."""
     params = [(n, p) for n, p in model.named_parameters() if ".tables." not in n]
-    decay = [p for n, p in params if p.dim() >= 2 and "short_conv" not in n]
-    no_decay = [p for n, p in params if not (p.dim() >= 2 and "short_conv" not in n)]
+    is_matrix = {n: p.dim() >= 2 and "short_conv" not in n for n, p in params}  # the conv is per-channel
+    decay = [p for n, p in params if is_matrix[n]]
+    no_decay = [p for n, p in params if not is_matrix[n]]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
 
