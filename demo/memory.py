@@ -148,5 +148,5 @@ def count_collisions(hasher: NgramHasher, input_ids: np.ndarray, layer_id: int) 
 def _ngram_tokens(hasher: NgramHasher, input_ids: np.ndarray) -> np.ndarray:
     """(B*T, N) compressed ids of the n-gram ending at each position, as the hasher sees them
     (left padding and file-boundary resets included)."""
-    shifts = hasher._shifted_tokens(input_ids, None)  # N arrays (B, T); k-th = token at t-k
+    shifts = hasher.ngram_tokens(input_ids)  # N arrays (B, T); k-th = token at t-k
     return np.stack([s.reshape(-1) for s in shifts], axis=1)

@@ -165,6 +165,11 @@ class NgramHasher:
         shifts = self._shifted_tokens(input_ids, history)
         return self._hash_layer(shifts, self._check_layer(layer_id), with_offsets=True)
 
+    def ngram_tokens(self, input_ids: Array, *, history: Array | None = None) -> list[Array]:
+        """The hashed tokens: `[x_t, x_{t-1}, ..., x_{t-N+1}]`, each [B, T], compressed, padded
+        before the start (and reset at separators): the n-gram of order n at t is the first n."""
+        return self._shifted_tokens(input_ids, history)
+
     def compress(self, input_ids: Array) -> Array:
         """Validate raw ids and map them through `token_map` (identity without one)."""
         return self._map(self._checked(_as_int64(input_ids), "input_ids"))

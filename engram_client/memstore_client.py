@@ -39,7 +39,9 @@ from memstore.wire import decode_lookup_chunk, encode_update_chunk
 
 T = TypeVar("T")
 _MESSAGE_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")  # gRPC's, final
-MIN_IDS_PER_CALL = 16384  # below this, splitting a lookup costs more than it overlaps
+# Below this many ids per call, splitting a lookup costs more than it overlaps: measured with
+# client and server on the same 2 cores, one 64k call (11 ms) beat two 32k calls (12.6 ms).
+MIN_IDS_PER_CALL = 1 << 16
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from engram_client.cache import RowCache
 from engram_client.tables import TableSource
@@ -212,7 +213,9 @@ class RemoteTables(TableSource):
             unique_ids = pending.unique
             weights.register_hook(lambda grad: self._push(unique_ids, grad))
         inverse = pending.inverse.to(weights.device, non_blocking=True)
-        return weights[inverse].view(*row_ids.shape, self.dim)                # (B, T, H, D)
+        # F.embedding, not weights[inverse]: its backward sums repeated rows in a fixed order,
+        # so two runs from the same seed give the same table updates (index backward does not).
+        return F.embedding(inverse, weights).view(*row_ids.shape, self.dim)   # (B, T, H, D)
 
     def _forget_seen_updates(self, consumed: PendingLookup) -> None:
         """Drop the log entries that no outstanding lookup (queued or still being prefetched) needs."""
