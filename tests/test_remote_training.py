@@ -245,3 +245,17 @@ def test_killing_a_shard_mid_training_loses_and_doubles_nothing(tmp_path):
     finally:
         for shard in shards:
             shard.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_memstore_training_on_a_gpu_matches_local_cpu_training(tmp_path):
+    """Rows are fetched to pinned host memory and copied to the GPU without blocking; training on
+    the GPU against memstore ends where local CPU training ends (float tolerance: GPU kernels)."""
+    local_losses, local_model = train_local("adagrad")
+    with memstore_cluster(tmp_path, 1) as client:
+        model = remote_model(client, "adagrad").cuda()
+        losses = train(model, None, [ids.cuda() for ids in batches()], prefetch=True)
+        rows = client.lookup("engram_l1", np.arange(model.engram.tables.num_rows))
+    np.testing.assert_allclose(losses, local_losses, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rows, local_model.engram.tables.weight.detach().numpy(), rtol=1e-3, atol=1e-4)
