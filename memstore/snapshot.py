@@ -89,7 +89,8 @@ def _checksum(array: np.ndarray) -> str:
     return "blake2b:" + h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -175,10 +176,10 @@ class SnapshotWriter:
             if self.sync:
                 os.fsync(f.fileno())
         if self.sync:
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
         os.rename(self.tmp, self.dest)  # atomic: the snapshot appears whole or not at all
         if self.sync:
-            _fsync_dir(self.dest.parent)
+            fsync_dir(self.dest.parent)
         return self.dest
 
     def abort(self) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import NotFound
 from memstore.spec import TableSpec
 
 
@@ -97,12 +98,17 @@ class Backend(ABC):
     def drop_table(self, name: str) -> None:
         """Remove the table and its files. Raises `NotFound`."""
 
-    @abstractmethod
+    _tables: dict[str, Table]  # every backend keeps its open tables here, by name
+
     def get(self, name: str) -> Table:
         """Raises `NotFound`."""
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise NotFound(f"table {name!r} does not exist") from None
 
-    @abstractmethod
-    def tables(self) -> list[Table]: ...
+    def tables(self) -> list[Table]:
+        return list(self._tables.values())
 
     @abstractmethod
     def snapshot(self, name: str) -> Path:

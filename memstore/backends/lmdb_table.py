@@ -62,15 +62,6 @@ def decode_values(values: list[bytes | None], dtype: np.dtype, width: int) -> tu
     return out, missing
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Gate:
     """Many holders in shared mode (transactions) or one in exclusive mode (set_mapsize, close).
     A waiting exclusive holder blocks new shared ones, so a resize cannot be starved."""

@@ -45,11 +45,12 @@ import msgpack
 
 from memstore.backends.base import Backend, Table
 from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock
-from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable, fsync_dir
+from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable
 from memstore.errors import AlreadyExists, FailedPrecondition, NotFound
 from memstore.snapshot import (
     CorruptSnapshot,
     Snapshot,
+    fsync_dir,
     list_snapshots,
     new_snapshot_path,
     prune_snapshots,
@@ -196,15 +197,6 @@ class LmdbBackend(Backend):
             with self._snapshot_locks.setdefault(name, threading.Lock()):
                 shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
             shutil.rmtree(table.path, ignore_errors=True)
-
-    def get(self, name: str) -> LmdbTable:
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise NotFound(f"table {name!r} does not exist") from None
-
-    def tables(self) -> list[Table]:
-        return list(self._tables.values())
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)

@@ -335,15 +335,6 @@ class RamBackend(Backend):
                 table.release()
             shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
 
-    def get(self, name: str) -> RamTable:
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise NotFound(f"table {name!r} does not exist") from None
-
-    def tables(self) -> list[Table]:
-        return list(self._tables.values())
-
     def snapshot(self, name: str) -> Path:
         table = self.get(name)
         table_dir = self._snapshots_dir(name)
