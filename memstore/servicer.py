@@ -54,15 +54,17 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
                         shard_count=view.spec.shard_count)
 
 
-SERVICE = pb.DESCRIPTOR.services_by_name["MemStore"]
-
-
 def _update_chunk(raw: bytes) -> UpdateChunk:
     try:
         return decode_update_chunk(raw)
     except WireError as exc:
         raise InvalidArgument(f"Update: malformed UpdateChunk: {exc}") from None
-PRE_ENCODED_RESPONSES = {"Lookup"}  # handlers that yield serialised bytes themselves
+
+
+# ---- registration -----------------------------------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MemStore"]
+PRE_ENCODED_RESPONSES = {"Lookup"}  # handlers that yield serialised bytes themselves (memstore.wire)
 RAW_REQUESTS = {"Update"}            # handlers that decode their request bytes themselves
 
 _HANDLER_FACTORIES = {
@@ -73,7 +75,7 @@ _HANDLER_FACTORIES = {
 
 
 def rpc_method_handlers(servicer: MemStoreServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The generated registration, except that pre-encoded responses skip protobuf serialisation."""
+    """The generated registration, except that the bulk messages skip protobuf objects."""
     handlers = {}
     for method in SERVICE.methods:
         response_type = getattr(pb, method.output_type.name)
@@ -94,11 +96,11 @@ def add_to_server(servicer: MemStoreServicer, server: grpc.aio.Server) -> None:
 class MemStoreServicer(pb_grpc.MemStoreServicer):
     def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics,
                  lookup_delay_s: float = 0.0):
-        self.lookup_delay_s = lookup_delay_s
         self.store = store
         self.executor = executor
         self.backend_name = backend_name
         self.metrics = metrics
+        self.lookup_delay_s = lookup_delay_s  # testing only (fault_lookup_delay_ms)
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -138,10 +140,10 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[bytes]:
         """Streams serialised LookupChunk messages (encoded by hand: see memstore.wire)."""
-        dtype = DTYPE_TO_PB[self.store.spec(request.table).dtype]
+        spec = self.store.spec(request.table)
+        dtype = DTYPE_TO_PB[spec.dtype]
         if self.lookup_delay_s:
             await asyncio.sleep(self.lookup_delay_s)
-        spec = self.store.spec(request.table)
         ids = parse_ids(request.ids)
         rows_per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
         blocks = await self._run(self.store.lookup_blocks, request.table, ids, rows_per_chunk)
