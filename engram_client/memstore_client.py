@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Self, TypeVar
@@ -70,11 +70,25 @@ class TableInfo:
 def _info(msg: pb.TableInfo) -> TableInfo:
     spec = spec_from_pb(msg.spec)
     if msg.shard_count > 1:
-        spec = TableSpec(**{**spec.__dict__, "shard_index": msg.shard_index, "shard_count": msg.shard_count})
+        spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
     return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates)
 
 
 class MemStoreClient:
+    """A connection to one memstore server.
+
+    Args:
+        target: "host:port" (or any gRPC target).
+        token: bearer token, when the server runs with --token.
+        tls: a TlsConfig (CA, client cert/key for mutual TLS), True for the system roots, or None.
+        timeout_s: deadline of each call; retry_timeout_s: how long UNAVAILABLE and back-pressure
+            are retried before the error surfaces (0: never retry).
+        client_id: identifies this client's updates for exactly-once delivery; leave it to the
+            default (a fresh random id) unless you know you need to pin it.
+        max_ids_per_call, parallel_calls: lookups larger than max_ids_per_call are split, and large
+            ones go as up to parallel_calls calls in flight.
+    """
+
     def __init__(self, target: str, *, token: str | None = None, tls: TlsConfig | bool | None = None,
                  timeout_s: float = 60.0, retry_timeout_s: float = 60.0, client_id: str | None = None,
                  max_ids_per_call: int = 1 << 17, parallel_calls: int = 2):
