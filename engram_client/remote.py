@@ -291,14 +291,26 @@ class RemoteTables(TableSource):
         return f"name={self.name!r}, num_rows={self.num_rows}, dim={self.dim}, mode={self.mode}"
 
 
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU for row copies
+
+
 def _to_tensor(rows: np.ndarray, dtype: str, device: torch.device) -> torch.Tensor:
-    """Storage rows → float32 tensor on `device` (pinned + non-blocking copy on a GPU)."""
+    """Storage rows → float32 tensor on `device`. On a GPU the rows go through pinned host memory
+    and are copied with non_blocking=True on a side stream; the compute stream waits for the copy
+    only where it uses the rows, so kernels already queued keep running meanwhile."""
     tensor = torch.from_numpy(rows)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device=device, dtype=torch.float32)
+    if device.type != "cuda":
+        return tensor.to(dtype=torch.float32)
+    copy_stream = _COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    pinned = tensor.pin_memory()
+    with torch.cuda.stream(copy_stream):
+        on_device = pinned.to(device, non_blocking=True)
+    compute_stream = torch.cuda.current_stream(device)
+    compute_stream.wait_stream(copy_stream)
+    on_device.record_stream(compute_stream)  # the allocator must not reuse it before compute is done
+    return on_device.to(torch.float32)
 
 
 class MemStoreTables(RemoteTables):
