@@ -20,6 +20,7 @@ it in memory.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -36,6 +37,8 @@ from memstore import dtypes
 from memstore.errors import FailedPrecondition
 from memstore.optimizers import state_width
 from memstore.spec import TableSpec
+
+log = logging.getLogger("memstore.snapshot")
 
 FORMAT = "memstore-snapshot"
 VERSION = 1
@@ -271,6 +274,26 @@ def list_snapshots(table_dir: Path) -> list[Path]:
 def latest_snapshot(table_dir: Path) -> Path | None:
     snapshots = list_snapshots(table_dir)
     return snapshots[-1] if snapshots else None
+
+
+def newest_valid_snapshot(table_dir: Path) -> Snapshot | None:
+    """The newest snapshot of the table in `table_dir` that verifies: what a backend restores at
+    start. Damaged ones, and ones holding another table, are logged and skipped, so an older
+    good snapshot is the fallback."""
+    table_dir = Path(table_dir)
+    for path in reversed(list_snapshots(table_dir)):
+        try:
+            snap = read_snapshot(path)
+        except CorruptSnapshot as exc:
+            log.error("skipping damaged snapshot: %s", exc)
+            continue
+        if snap.spec.name != table_dir.name:
+            log.error("skipping snapshot %s: it holds table %r", path, snap.spec.name)
+            continue
+        return snap
+    if table_dir.is_dir() and any(table_dir.iterdir()):
+        log.error("no valid snapshot in %s: table %r not restored", table_dir, table_dir.name)
+    return None
 
 
 def prune_snapshots(table_dir: Path, keep: int, stale_tmp_s: float = 3600.0) -> list[Path]:

@@ -48,13 +48,11 @@ from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock
 from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable
 from memstore.errors import AlreadyExists, FailedPrecondition, NotFound
 from memstore.snapshot import (
-    CorruptSnapshot,
     Snapshot,
     fsync_dir,
-    list_snapshots,
     new_snapshot_path,
+    newest_valid_snapshot,
     prune_snapshots,
-    read_snapshot,
 )
 from memstore.spec import TableSpec
 
@@ -123,21 +121,10 @@ class LmdbBackend(Backend):
         log.info("opened LMDB table %r at %s", spec.name, path)
 
     def _restore(self, snapshots_dir: Path) -> None:
-        """The newest snapshot that verifies; older ones are the fallback for a damaged one."""
-        for path in reversed(list_snapshots(snapshots_dir)):
-            try:
-                snap = read_snapshot(path)
-            except CorruptSnapshot as exc:
-                log.error("skipping damaged snapshot: %s", exc)
-                continue
-            if snap.spec.name != snapshots_dir.name:
-                log.error("skipping snapshot %s: it holds table %r", path, snap.spec.name)
-                continue
-            log.info("restoring LMDB table %r: %d rows from %s", snap.spec.name, len(snap.ids), path)
+        snap = newest_valid_snapshot(snapshots_dir)
+        if snap is not None:
+            log.info("restoring LMDB table %r: %d rows from %s", snap.spec.name, len(snap.ids), snap.path)
             self.restore_table(snap)
-            return
-        if any(snapshots_dir.iterdir()):
-            log.error("no valid snapshot in %s: table %r not restored", snapshots_dir, snapshots_dir.name)
 
     def restore_table(self, snapshot: Snapshot) -> LmdbTable:
         """Create the snapshot's table holding its rows, optimizer state and dedup memory.

@@ -45,13 +45,11 @@ from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory
 from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
 from memstore.init import init_rows
 from memstore.snapshot import (
-    CorruptSnapshot,
     Snapshot,
     SnapshotWriter,
-    list_snapshots,
     new_snapshot_path,
+    newest_valid_snapshot,
     prune_snapshots,
-    read_snapshot,
 )
 from memstore.spec import TableSpec
 
@@ -292,20 +290,12 @@ class RamBackend(Backend):
         return self.data_dir / MEMMAP_DIR / name if self.memmap else None
 
     def _restore(self, table_dir: Path) -> None:
-        """The newest snapshot that verifies; older ones are the fallback for a damaged one."""
-        for path in reversed(list_snapshots(table_dir)):
-            try:
-                snap = read_snapshot(path)
-            except CorruptSnapshot as exc:
-                log.error("skipping damaged snapshot: %s", exc)
-                continue
+        snap = newest_valid_snapshot(table_dir)
+        if snap is not None:
             table = self._new_table(snap.spec)
             table.restore(snap)
             self._tables[snap.spec.name] = table
-            log.info("restored table %r: %d rows from %s", snap.spec.name, len(snap.ids), path)
-            return
-        if table_dir.is_dir() and any(table_dir.iterdir()):
-            log.error("no valid snapshot in %s: table %r not restored", table_dir, table_dir.name)
+            log.info("restored table %r: %d rows from %s", snap.spec.name, len(snap.ids), snap.path)
 
     def _new_table(self, spec: TableSpec) -> RamTable:
         if self.max_bytes is not None:
