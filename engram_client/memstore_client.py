@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from memstore.dtypes import storage_dtype
-from memstore.errors import MemStoreError, from_status
+from memstore.errors import FailedPrecondition, MemStoreError, from_status
 from memstore.interceptors import ERROR_TRAILER
 from memstore.servicer import CHUNK_BYTES, PB_TO_DTYPE, spec_from_pb, spec_to_pb
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
@@ -56,6 +56,33 @@ class TlsConfig:
     def credentials(self) -> grpc.ChannelCredentials:
         read = lambda p: Path(p).read_bytes() if p else None
         return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+
+
+@dataclass(frozen=True)
+class Job:
+    """The data-parallel job an update belongs to: `world_size` ranks train a table together.
+
+    Each shard applies one optimizer step per training step, with the mean of the ranks'
+    gradients, once all `world_size` contributions have arrived; a step that misses a rank for
+    `step_timeout_s` is dropped on that shard and every waiting rank gets ABORTED. The job's
+    `name` is its identity for exactly-once delivery: every rank of one run uses the same name.
+    """
+    name: str
+    rank: int = 0
+    world_size: int = 1
+    step_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a Job needs a name (the same on every rank)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+
+    @property
+    def client_id(self) -> str:
+        return f"job:{self.name}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,12 @@ class MemStoreClient:
         self._seqs: dict[str, Iterator[int]] = {}
         self._row_format: dict[str, tuple[int, np.dtype]] = {}  # table → (dim, storage dtype), learnt
         self._seq_lock = threading.Lock()
+        # Step-numbered updates (touched only on the sender thread):
+        # (table, client_id) → the oldest step that failed and has not been re-sent successfully.
+        # Later steps of that pair are refused unsent: the server applies a client's steps in
+        # order only, so a later step applied before the failed one would make its re-send a no-op.
+        self._failed_step: dict[tuple[str, str], int] = {}
+        self._step_tables: set[str] = set()  # tables this client's own id updates by step
 
     # ---- tables -------------------------------------------------------------------------------
 
@@ -141,8 +174,14 @@ class MemStoreClient:
     def drop_table(self, name: str) -> None:
         self._call(self._stub.DropTable, pb.DropTableRequest(name=name))
 
-    def snapshot(self, name: str = "") -> list[str]:
-        return list(self._call(self._stub.Snapshot, pb.SnapshotRequest(table=name)).paths)
+    def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
+        """Snapshot one table or all; with `tag`, a named checkpoint of table `name` (the same tag
+        again while the table is unchanged returns the existing one)."""
+        return list(self._call(self._stub.Snapshot, pb.SnapshotRequest(table=name, tag=tag)).paths)
+
+    def restore(self, name: str, tag: str) -> str:
+        """Roll table `name` back to its checkpoint `tag` (rows, optimizer state, exactly-once memory)."""
+        return self._call(self._stub.Restore, pb.RestoreRequest(table=name, tag=tag)).path
 
     def stats(self) -> pb.StatsResponse:
         return self._call(self._stub.Stats, pb.StatsRequest())
@@ -196,32 +235,81 @@ class MemStoreClient:
 
     # ---- updates ------------------------------------------------------------------------------
 
-    def update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+               job: Job | None = None, lr: float | None = None) -> bool:
         """One optimizer step on the server: duplicate ids are summed, then applied exactly once.
-        Returns False when the server had already applied it (a retried delivery)."""
-        return self.update_async(name, ids, grads).result()
+        Returns False when the server had already applied it (a retried delivery).
 
-    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Future:
+        step: the training step (>= 0). The update is then identified by (client_id, step), or
+            (job, step), and applied at most once, so a step that raised may be sent again as a
+            whole. Steps of one client go in increasing order.
+        job: a data-parallel `Job` (needs `step`): the shard applies the mean of the ranks'
+            gradients once all have sent theirs; the call returns when the step is applied.
+        lr: this step's learning rate (an lr schedule); None: the table's.
+        """
+        return self.update_async(name, ids, grads, step=step, job=job, lr=lr).result()
+
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+                     job: Job | None = None, lr: float | None = None) -> Future:
         """Queue an update; updates of this client reach the server in call order."""
         ids = np.asarray(ids, dtype="<i8").reshape(-1)
         grads = np.asarray(grads, dtype="<f4")
         if grads.ndim != 2 or grads.shape[0] != len(ids):
             raise ValueError(f"grads must be [len(ids)={len(ids)}, dim], got {grads.shape}")
+        if job is not None and step is None:
+            raise ValueError("a data-parallel update (job=...) needs step=")
+        if step is not None and step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
         summed_ids, summed = sum_duplicates(ids, grads)
         if summed_ids is ids:  # already sorted and unique: nothing was copied, but the caller may
             summed_ids, summed = ids.copy(), summed.copy()  # reuse its buffers before this is sent
         ids, grads = np.ascontiguousarray(summed_ids), np.ascontiguousarray(summed)  # sent as raw bytes
-        return self._update_sender.submit(self._send_update, name, ids, grads)
+        if step is None:
+            return self._update_sender.submit(self._send_update, name, ids, grads, lr)
+        return self._update_sender.submit(self._send_step, name, ids, grads, step, job, lr)
 
-    def _send_update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
+    def _send_update(self, name: str, ids: np.ndarray, grads: np.ndarray, lr: float | None) -> bool:
+        if name in self._step_tables:
+            raise ValueError(f"this client sends step-numbered updates to table {name!r}; "
+                             "an update without step= would break their exactly-once order")
         applied = True
         for start in range(0, len(ids), self.max_ids_per_call):  # disjoint ids: one step per row still
             part = slice(start, start + self.max_ids_per_call)
             seq = self._next_seq(name)  # retries resend this seq: the server applies it once
-            applied &= self._retry(partial(self._stream_update, name, seq, ids[part], grads[part]))
+            header = {"client_id": self.client_id, "seq": seq, "lr": lr or 0.0}
+            applied &= self._retry(partial(self._stream_update, name, header, ids[part], grads[part]))
         return applied
 
-    def _stream_update(self, name: str, seq: int, ids: np.ndarray, grads: np.ndarray) -> bool:
+    def _send_step(self, name: str, ids: np.ndarray, grads: np.ndarray, step: int, job: Job | None,
+                   lr: float | None) -> bool:
+        """One training step as ONE Update (so it is applied whole or not at all)."""
+        client_id = job.client_id if job else self.client_id
+        if job is None:
+            if name in self._seqs:
+                raise ValueError(f"this client sent updates without step= to table {name!r}; step-numbered "
+                                 "ones would break their exactly-once order (use another client)")
+            self._step_tables.add(name)
+        failed = self._failed_step.get((name, client_id))
+        if failed is not None and step > failed:
+            raise FailedPrecondition(
+                f"step {step} of table {name!r} not sent to {self.target}: step {failed} failed there and has "
+                "not been re-sent; re-send it first (or restore a checkpoint)")
+        header = {"client_id": client_id, "seq": step + 1, "lr": lr or 0.0}
+        timeout = self.timeout_s
+        if job is not None and job.world_size > 1:
+            header.update(rank=job.rank, world_size=job.world_size, step_timeout_ms=int(job.step_timeout_s * 1e3))
+            timeout += job.step_timeout_s  # the server answers when every rank has sent (or the step is dropped)
+        try:
+            applied = self._retry(partial(self._stream_update, name, header, ids, grads, timeout))
+        except BaseException:
+            self._failed_step[(name, client_id)] = min(step, failed if failed is not None else step)
+            raise
+        if failed == step:
+            del self._failed_step[(name, client_id)]
+        return applied
+
+    def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,
+                       timeout: float | None = None) -> bool:
         rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
 
         id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
@@ -230,12 +318,11 @@ class MemStoreClient:
         def chunks() -> Iterator[bytes]:
             for start in range(0, max(len(ids), 1), rows_per_chunk):
                 stop = min(len(ids), start + rows_per_chunk)
-                header = ({"table": name, "client_id": self.client_id, "seq": seq, "total_rows": len(ids)}
-                          if start == 0 else {})
+                first = {"table": name, "total_rows": len(ids), **header} if start == 0 else {}
                 yield encode_update_chunk(id_bytes[start * 8:stop * 8],
-                                          grad_bytes[start * grad_row:stop * grad_row], **header)
+                                          grad_bytes[start * grad_row:stop * grad_row], **first)
         try:
-            return self._update_raw(chunks(), timeout=self.timeout_s, metadata=self._metadata).applied
+            return self._update_raw(chunks(), timeout=timeout or self.timeout_s, metadata=self._metadata).applied
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
 
@@ -267,8 +354,8 @@ class MemStoreClient:
 
     def close(self) -> None:
         self._update_sender.shutdown(wait=True)
+        self._async_pool.shutdown(wait=True)  # before the lookup pool: its jobs submit into it
         self._lookup_pool.shutdown(wait=True)
-        self._async_pool.shutdown(wait=True)
         self._channel.close()
 
     def __enter__(self) -> Self:

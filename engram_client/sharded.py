@@ -16,7 +16,7 @@ from typing import Self
 
 import numpy as np
 
-from engram_client.memstore_client import MemStoreClient, TableInfo
+from engram_client.memstore_client import Job, MemStoreClient, TableInfo
 from memstore.errors import FailedPrecondition
 from memstore.store import sum_duplicates
 
@@ -67,13 +67,17 @@ class ShardedClient:
     def drop_table(self, name: str) -> None:
         list(self._pool.map(lambda c: c.drop_table(name), self.shards))
 
-    def snapshot(self, name: str = "") -> list[str]:
-        return [p for paths in self._pool.map(lambda c: c.snapshot(name), self.shards) for p in paths]
+    def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
+        return [p for paths in self._pool.map(lambda c: c.snapshot(name, tag=tag), self.shards) for p in paths]
+
+    def restore(self, name: str, tag: str) -> list[str]:
+        """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND if a shard lacks it."""
+        return list(self._pool.map(lambda c: c.restore(name, tag), self.shards))
 
     def _merge(self, infos: list[TableInfo]) -> TableInfo:
         """One view of a table from its shards, after checking each shard is where we think."""
         for index, info in enumerate(infos):
-            if (info.spec.shard_index, info.spec.shard_count) != (index, self.num_shards) and self.num_shards > 1:
+            if (info.spec.shard_index, info.spec.shard_count) != (index, self.num_shards):
                 raise FailedPrecondition(
                     f"{self.targets[index]} is shard {info.spec.shard_index} of {info.spec.shard_count}, but this "
                     f"client lists it as shard {index} of {self.num_shards}: fix the target order or the servers' "
@@ -97,18 +101,27 @@ class ShardedClient:
                    for shard, part in zip(self.shards, parts) if part.stop > part.start]
         return self._pool.submit(_gather, futures, order, inverse, len(unique))
 
-    def update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
-        return self.update_async(name, ids, grads).result()
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+               job: Job | None = None, lr: float | None = None) -> bool:
+        """`MemStoreClient.update` over the shards. With `step`, each shard applies its part at most
+        once, so after a partial failure (some shards applied, one was down) the caller re-sends
+        the whole step: the shards that applied it acknowledge, the others apply it."""
+        return self.update_async(name, ids, grads, step=step, job=job, lr=lr).result()
 
-    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Future:
-        """One update per shard that owns some of the rows; each shard applies its part exactly once."""
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+                     job: Job | None = None, lr: float | None = None) -> Future:
+        """One update per shard that owns some of the rows; each shard applies its part exactly once.
+        A data-parallel step goes to every shard, empty where this rank has no rows of it: each
+        shard waits for every rank's share."""
         ids, grads = sum_duplicates(np.asarray(ids, dtype="<i8").reshape(-1), np.asarray(grads, dtype="<f4"))
+        kwargs = {"step": step, "job": job, "lr": lr}
         if self.num_shards == 1:
-            return self.shards[0].update_async(name, ids, grads)
+            return self.shards[0].update_async(name, ids, grads, **kwargs)
         order, parts = split_by_shard(ids, self.num_shards)
-        futures = [shard.update_async(name, ids[order[part]], grads[order[part]])
-                   for shard, part in zip(self.shards, parts) if part.stop > part.start]
-        return self._pool.submit(lambda: all([f.result() for f in futures]))  # noqa: C419 - wait for every shard
+        every_shard = job is not None
+        futures = [shard.update_async(name, ids[order[part]], grads[order[part]], **kwargs)
+                   for shard, part in zip(self.shards, parts) if every_shard or part.stop > part.start]
+        return self._pool.submit(_all_applied, futures)
 
     def stats(self) -> list:
         return [c.stats() for c in self.shards]
@@ -123,6 +136,20 @@ class ShardedClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _all_applied(futures: list[Future]) -> bool:
+    """Wait for every shard (a failure is raised only after all have answered, so a re-send never
+    races a shard still applying the first attempt)."""
+    results, error = [], None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once every shard is done
+            error = error or exc
+    if error is not None:
+        raise error
+    return all(results)
 
 
 def _gather(futures: list[tuple[slice, Future]], order: np.ndarray, inverse: np.ndarray, n_unique: int) -> np.ndarray:

@@ -39,6 +39,7 @@ class ServerConfig:
     data_dir: str = "./memstore-data"
     keep_snapshots: int = 2            # newest snapshots kept per table
     snapshot_interval_s: float = 0.0   # RAM backend: periodic checkpoint; 0 disables
+    keep_checkpoints: int = 3          # newest tagged (training-job) checkpoints kept per table
     ram_memmap: bool = False           # RAM backend: back arrays by files in data_dir
     ram_max_bytes: int = 0             # RAM backend: refuse creates above this many bytes; 0 = no cap
     lmdb_sync: bool = True             # fsync each commit: acknowledged updates survive power loss
@@ -59,6 +60,7 @@ class ServerConfig:
     max_concurrent_requests: int = 64         # beyond this: RESOURCE_EXHAUSTED, not a pile-up
     workers: int = 4                          # threads running backend work (numpy/LMDB release the GIL)
     grace_s: float = 10.0                     # SIGTERM: time in-flight RPCs get to finish
+    max_step_timeout_s: float = 3600.0        # cap on the rank timeout a data-parallel job asks for
     # Testing only: sleep this long in every Lookup (a slow or distant server, for prefetch tests)
     fault_lookup_delay_ms: float = 0.0
     # Logs
@@ -78,6 +80,8 @@ class ServerConfig:
         _check(self.max_concurrent_requests > 0, "max_concurrent_requests must be > 0")
         _check(self.workers > 0, "workers must be > 0")
         _check(self.keep_snapshots >= 1, "keep_snapshots must be >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.max_step_timeout_s > 0, "max_step_timeout_s must be > 0")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")
         _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")

@@ -53,6 +53,11 @@ class FailedPrecondition(MemStoreError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(MemStoreError):
+    """A data-parallel step that was dropped (a rank missed it): nothing of it was applied."""
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE = {cls.code: cls for cls in MemStoreError.__subclasses__()}
 
 

@@ -15,6 +15,8 @@ per-row count is float32: exact up to 2^24 steps, after which the correction is 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from memstore.spec import OptimizerSpec
@@ -33,11 +35,15 @@ def initial_state(opt: OptimizerSpec, n: int, dim: int) -> np.ndarray:
     return np.zeros((n, width), np.float32)
 
 
-def step(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray) -> None:
+def step(opt: OptimizerSpec, rows: np.ndarray, state: np.ndarray, grads: np.ndarray,
+         lr: float | None = None) -> None:
     """One optimizer step, in place on rows (float32 [n, dim]) and state (float32 [n, width]).
 
     `grads` is float32 [n, dim], one (already summed) gradient per row; rows are distinct.
+    `lr` overrides the table's learning rate for this step (a trainer's lr schedule).
     """
+    if lr is not None and lr != opt.lr:
+        opt = replace(opt, lr=lr)
     _STEPS[opt.kind](opt, rows, state, grads)
 
 

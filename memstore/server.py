@@ -72,7 +72,7 @@ class MemStoreServer:
 
 
 def build_store(config: ServerConfig) -> Store:
-    options = {"keep_snapshots": config.keep_snapshots}
+    options = {"keep_snapshots": config.keep_snapshots, "keep_checkpoints": config.keep_checkpoints}
     if config.backend == "lmdb":
         options.update(sync=config.lmdb_sync, map_size=config.lmdb_map_size,
                        max_map_size=config.lmdb_max_map_size or None)
@@ -122,7 +122,8 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     )
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
     add_to_server(MemStoreServicer(
-        store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3), server)
+        store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3,
+        max_step_timeout_s=config.max_step_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

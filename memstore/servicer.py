@@ -18,6 +18,7 @@ from memstore import __version__
 from memstore.errors import InvalidArgument
 from memstore.metrics import Metrics
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.steps import StepBarrier
 from memstore.store import GRAD_DTYPE, ID_DTYPE, Store, TableView, parse_grads, parse_ids
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
@@ -95,12 +96,13 @@ def add_to_server(servicer: MemStoreServicer, server: grpc.aio.Server) -> None:
 
 class MemStoreServicer(pb_grpc.MemStoreServicer):
     def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics,
-                 lookup_delay_s: float = 0.0):
+                 lookup_delay_s: float = 0.0, max_step_timeout_s: float = 3600.0):
         self.store = store
         self.executor = executor
         self.backend_name = backend_name
         self.metrics = metrics
         self.lookup_delay_s = lookup_delay_s  # testing only (fault_lookup_delay_ms)
+        self.steps = StepBarrier(store, self._run, max_timeout_s=max_step_timeout_s)
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -113,6 +115,7 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     async def DropTable(self, request: pb.DropTableRequest, context) -> pb.DropTableResponse:
         await self._run(self.store.drop_table, request.name)
+        self.steps.forget_table(request.name, "the table was dropped")
         return pb.DropTableResponse()
 
     async def ListTables(self, request, context) -> pb.ListTablesResponse:
@@ -123,7 +126,12 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         return info_to_pb(await self._run(self.store.describe, request.name))
 
     async def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
-        return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table))
+        return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table, request.tag))
+
+    async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreResponse:
+        path = await self._run(self.store.restore, request.table, request.tag)
+        self.steps.forget_table(request.table, f"the table was restored to checkpoint {request.tag!r}")
+        return pb.RestoreResponse(path=path)
 
     async def Stats(self, request, context) -> pb.StatsResponse:
         views = await self._run(self.store.list_tables)
@@ -166,9 +174,17 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         if raw is None:
             raise InvalidArgument("Update: empty stream (the first chunk must carry table, total_rows, ...)")
         first = _update_chunk(raw)
-        spec = self.store.check_update_size(first.table, first.total_rows)
+        lr = first.lr or None  # 0 (unset on the wire): the table's own lr
+        self.store.check_update_header(first.table, first.client_id, first.seq, lr)
+        spec = self.store.check_update_size(first.table, first.total_rows, first.client_id)
         ids, grads = await self._receive_update(first, request_iterator, spec.dim)
-        applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id, first.seq)
+        if first.world_size > 1:  # a data-parallel step: wait for every rank (memstore.steps)
+            applied, rows = await self.steps.contribute(
+                first.table, first.client_id, first.seq, first.rank, first.world_size, lr,
+                first.step_timeout_ms / 1e3, ids, grads)
+        else:
+            applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id,
+                                            first.seq, lr)
         self.metrics.rows.labels("Update", first.table).inc(len(ids))
         self.metrics.bytes.labels("Update", first.table).inc(ids.nbytes + grads.nbytes)
         return pb.UpdateResponse(applied=applied, rows=rows)

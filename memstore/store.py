@@ -127,9 +127,24 @@ class Store:
     def list_tables(self) -> list[TableView]:
         return [self.describe(t.spec.name) for t in sorted(self.backend.tables(), key=lambda t: t.spec.name)]
 
-    def snapshot(self, name: str = "") -> list[str]:
+    def snapshot(self, name: str = "", tag: str = "") -> list[str]:
+        if tag:
+            if not name:
+                raise InvalidArgument("a tagged checkpoint names its table (Snapshot.table is empty)")
+            return [str(self.backend.checkpoint_table(name, tag))]
         names = [name] if name else [t.spec.name for t in self.backend.tables()]
         return [str(self.backend.snapshot(n)) for n in names]
+
+    def restore(self, name: str, tag: str) -> str:
+        """Roll table `name` back to its checkpoint `tag`."""
+        self._check_writable("Restore")
+        if not tag:
+            raise InvalidArgument("Restore needs the tag of a checkpoint (SnapshotRequest.tag)")
+        return str(self.backend.restore_checkpoint(name, tag))
+
+    def last_seq(self, name: str, client_id: str) -> int | None:
+        """The last seq (training step + 1) applied for `client_id` on table `name`."""
+        return self.backend.get(name).last_seq(client_id)
 
     # ---- data path ----------------------------------------------------------------------------
 
@@ -152,33 +167,53 @@ class Store:
         counters.lookup_rows += len(ids)
         return table, local_ids
 
-    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> tuple[bool, int]:
-        """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim]."""
-        self._check_writable("Update")
-        table = self.backend.get(name)
-        if len(client_id.encode()) > 256:  # bytes, not characters: LMDB keys hold at most 511 bytes
-            raise InvalidArgument(f"client_id is {len(client_id.encode())} bytes in UTF-8; at most 256")
-        if client_id and seq <= 0:
-            raise InvalidArgument("seq must be > 0 when client_id is set (it orders a client's updates)")
-        if grads.shape != (len(ids), table.spec.dim):
-            raise InvalidArgument(f"grads shape {grads.shape} does not match {len(ids)} ids x dim {table.spec.dim}")
-        local_ids = self._to_local(table, ids)
-        if not np.isfinite(grads).all():
-            bad = int(np.flatnonzero(~np.isfinite(grads).all(axis=1))[0])
-            raise InvalidArgument(f"grads hold NaN or Inf (first at row {bad}, id {int(ids[bad])}); nothing applied")
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
+               lr: float | None = None) -> tuple[bool, int]:
+        """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim];
+        `lr` this step's learning rate (None: the table's)."""
+        table = self.check_update_header(name, client_id, seq, lr)
+        local_ids = self._checked_update_rows(table, ids, grads)
         unique_ids, summed = sum_duplicates(local_ids, grads)
-        applied = table.apply_update(unique_ids, np.ascontiguousarray(summed), client_id, seq)
+        applied = table.apply_update(unique_ids, np.ascontiguousarray(summed), client_id, seq, lr)
         counters = self._counter(name)
         counters.updates += int(applied)
         counters.update_rows += len(unique_ids) if applied else 0
         counters.duplicate_updates += int(not applied)
         return applied, len(unique_ids)
 
-    def check_update_size(self, name: str, total_rows: int) -> TableSpec:
-        """Called on an Update's first chunk, before the rest is buffered."""
+    def validate_update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> None:
+        """The checks `update` makes of its rows, without applying anything."""
+        self._checked_update_rows(self.backend.get(name), ids, grads)
+
+    def _checked_update_rows(self, table: Table, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """Local row ids of a valid update; refuses bad shapes, foreign rows, NaN and Inf."""
+        if grads.shape != (len(ids), table.spec.dim):
+            raise InvalidArgument(f"grads shape {grads.shape} does not match {len(ids)} ids x dim {table.spec.dim}")
+        local_ids = self._to_local(table, ids)
+        if not np.isfinite(grads).all():
+            bad = int(np.flatnonzero(~np.isfinite(grads).all(axis=1))[0])
+            raise InvalidArgument(f"grads hold NaN or Inf (first at row {bad}, id {int(ids[bad])}); nothing applied")
+        return local_ids
+
+    def check_update_header(self, name: str, client_id: str, seq: int, lr: float | None) -> Table:
+        self._check_writable("Update")
+        table = self.backend.get(name)
+        if len(client_id.encode()) > 256:  # bytes, not characters: LMDB keys hold at most 511 bytes
+            raise InvalidArgument(f"client_id is {len(client_id.encode())} bytes in UTF-8; at most 256")
+        if client_id and not 0 < seq < 2**63:
+            raise InvalidArgument(f"seq must be in [1, 2^63) when client_id is set (it orders a client's "
+                                  f"updates), got {seq}")
+        if lr is not None and not 0 <= lr < 1e6:
+            raise InvalidArgument(f"lr must be in [0, 1e6), got {lr}")
+        return table
+
+    def check_update_size(self, name: str, total_rows: int, client_id: str = "") -> TableSpec:
+        """Called on an Update's first chunk, before the rest is buffered. An update of no rows
+        is refused unless it carries a client_id: a training step may touch no row of a shard
+        and still has to count (its seq is recorded; a data-parallel rank's share is empty)."""
         self._check_writable("Update")
         spec = self.backend.get(name).spec
-        if total_rows <= 0:
+        if total_rows < 0 or (total_rows == 0 and not client_id):
             raise InvalidArgument("Update: total_rows must be > 0 in the first chunk")
         self._check_count(total_rows, "Update", spec.dim * GRAD_DTYPE.itemsize)
         return spec

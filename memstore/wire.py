@@ -9,9 +9,12 @@ the server (tests/test_wire.py checks both directions against the generated code
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5  # wire types
+_DOUBLE = struct.Struct("<d")
+_UINT64_MAX = (1 << 64) - 1
 
 
 class WireError(ValueError):
@@ -27,12 +30,15 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode(fields: list[tuple[int, int | str | bytes | memoryview]]) -> bytes:
-    """Serialise (field number, value) pairs: ints as varints, the rest length-delimited.
-    Zero ints and empty payloads are left out, as proto3 does."""
+def encode(fields: list[tuple[int, int | float | str | bytes | memoryview]]) -> bytes:
+    """Serialise (field number, value) pairs: ints as varints, floats as doubles, the rest
+    length-delimited. Zeros and empty payloads are left out, as proto3 does."""
     parts: list[bytes | memoryview] = []
     for number, value in fields:
-        if isinstance(value, int):
+        if isinstance(value, float):
+            if value:
+                parts += [_varint(number << 3 | _I64), _DOUBLE.pack(value)]
+        elif isinstance(value, int):
             if value:
                 parts += [_varint(number << 3 | _VARINT), _varint(value)]
         else:
@@ -43,6 +49,7 @@ def encode(fields: list[tuple[int, int | str | bytes | memoryview]]) -> bytes:
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    """A varint of at most 10 bytes holding at most 64 bits, as protobuf accepts."""
     value = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
@@ -51,12 +58,15 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
+            if value > _UINT64_MAX:
+                raise WireError(f"varint {value} does not fit in 64 bits")
             return value, pos
         shift += 7
 
 
-def decode(data: bytes | memoryview) -> dict[int, int | memoryview]:
-    """Field number → varint value or payload view (the last occurrence wins, as in protobuf)."""
+def decode(data: bytes | memoryview) -> dict[int, int | float | memoryview]:
+    """Field number → varint value, double, or payload view (the last occurrence wins, as in
+    protobuf). 32-bit fixed fields are skipped: none of ours has one."""
     buf = memoryview(data)
     fields: dict[int, int | memoryview] = {}
     pos = 0
@@ -70,8 +80,12 @@ def decode(data: bytes | memoryview) -> dict[int, int | memoryview]:
             if pos + length > len(buf):
                 raise WireError(f"field {number} claims {length} bytes, {len(buf) - pos} remain")
             fields[number], pos = buf[pos:pos + length], pos + length
-        elif kind in (_I64, _I32):
-            pos += 8 if kind == _I64 else 4
+        elif kind == _I64:
+            if pos + 8 > len(buf):
+                raise WireError(f"field {number} is truncated")
+            fields[number], pos = _DOUBLE.unpack_from(buf, pos)[0], pos + 8
+        elif kind == _I32:
+            pos += 4
         else:
             raise WireError(f"unsupported wire type {kind} for field {number}")
     if pos != len(buf):
@@ -91,7 +105,11 @@ def decode_lookup_chunk(data: bytes) -> tuple[memoryview, int, int, int]:
     return _bytes(f, 1), _int(f, 2), _int(f, 3), _int(f, 4)
 
 
-# ---- UpdateChunk: table = 1, client_id = 2, seq = 3, total_rows = 4, ids = 5, grads = 6 ------
+# ---- UpdateChunk: table = 1, client_id = 2, seq = 3, total_rows = 4, ids = 5, grads = 6,
+#      rank = 7, world_size = 8, step_timeout_ms = 9, lr = 10 (double) -----------------------
+
+_UINT32_MAX = (1 << 32) - 1
+
 
 @dataclass(frozen=True)
 class UpdateChunk:
@@ -101,11 +119,17 @@ class UpdateChunk:
     total_rows: int
     ids: memoryview
     grads: memoryview
+    rank: int = 0
+    world_size: int = 0
+    step_timeout_ms: int = 0
+    lr: float = 0.0
 
 
 def encode_update_chunk(ids: memoryview | bytes, grads: memoryview | bytes, *, table: str = "",
-                        client_id: str = "", seq: int = 0, total_rows: int = 0) -> bytes:
-    return encode([(1, table), (2, client_id), (3, seq), (4, total_rows), (5, ids), (6, grads)])
+                        client_id: str = "", seq: int = 0, total_rows: int = 0, rank: int = 0,
+                        world_size: int = 0, step_timeout_ms: int = 0, lr: float = 0.0) -> bytes:
+    return encode([(1, table), (2, client_id), (3, seq), (4, total_rows), (5, ids), (6, grads),
+                   (7, rank), (8, world_size), (9, step_timeout_ms), (10, float(lr))])
 
 
 def decode_update_chunk(data: bytes) -> UpdateChunk:
@@ -114,13 +138,19 @@ def decode_update_chunk(data: bytes) -> UpdateChunk:
         table, client_id = bytes(_bytes(f, 1)).decode(), bytes(_bytes(f, 2)).decode()
     except UnicodeDecodeError as exc:
         raise WireError(f"UpdateChunk: table or client_id is not UTF-8 ({exc})") from None
-    return UpdateChunk(table, client_id, _int(f, 3), _int(f, 4), _bytes(f, 5), _bytes(f, 6))
+    lr = f.get(10, 0.0)
+    if not isinstance(lr, float):
+        raise WireError("field 10 (lr) should be a double")
+    return UpdateChunk(table, client_id, _int(f, 3), _int(f, 4), _bytes(f, 5), _bytes(f, 6),
+                       _int(f, 7, _UINT32_MAX), _int(f, 8, _UINT32_MAX), _int(f, 9, _UINT32_MAX), lr)
 
 
-def _int(fields: dict, number: int) -> int:
+def _int(fields: dict, number: int, limit: int = _UINT64_MAX) -> int:
     value = fields.get(number, 0)
     if not isinstance(value, int):
         raise WireError(f"field {number} should be a varint")
+    if value > limit:  # protobuf truncates a too-wide uint32; we refuse it
+        raise WireError(f"field {number} holds {value}, more than its type's maximum {limit}")
     return value
 
 

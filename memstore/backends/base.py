@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.checkpoints import Checkpoints
 from memstore.errors import NotFound
+from memstore.snapshot import Snapshot
 from memstore.spec import TableSpec
 
 
@@ -61,14 +63,25 @@ class Table(ABC):
             yield rows[start:start + rows_per_block]
 
     @abstractmethod
-    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
+                     lr: float | None = None) -> bool:
         """One optimizer step for rows `ids` (int64 [n], local, sorted, unique) with `grads`
-        (float32 [n, dim], finite). Rows and optimizer state change together, atomically.
+        (float32 [n, dim], finite), at learning rate `lr` (None: the spec's). Rows and
+        optimizer state change together, atomically; `version` goes up by one.
 
         Returns False, changing nothing, when `seq` <= the last seq applied for `client_id`
         on this table (a retried delivery); True when applied. An empty `client_id` disables
         the check. The (client_id → last seq) memory is bounded and persisted with the table.
         """
+
+    @abstractmethod
+    def last_seq(self, client_id: str) -> int | None:
+        """The last seq applied for `client_id` (None: none remembered)."""
+
+    @property
+    @abstractmethod
+    def version(self) -> int:
+        """Updates applied since this table was opened or restored: equal versions, equal rows."""
 
     @abstractmethod
     def usage(self) -> TableUsage: ...
@@ -78,6 +91,11 @@ class Table(ABC):
         """Write a consistent copy of the table into the new directory `dest` in the portable
         snapshot format (`memstore.snapshot`: spec + dedup memory as msgpack, materialized GLOBAL
         row ids, rows, optimizer state as .npy), atomically (temp dir + rename); returns `dest`."""
+
+    def export(self, dest: Path) -> Path:
+        """`snapshot`, for a copy kept elsewhere (a tagged checkpoint): it does not count as the
+        backend's own restart point."""
+        return self.snapshot(dest)
 
 
 class Backend(ABC):
@@ -99,6 +117,8 @@ class Backend(ABC):
         """Remove the table and its files. Raises `NotFound`."""
 
     _tables: dict[str, Table]  # every backend keeps its open tables here, by name
+    data_dir: Path
+    keep_checkpoints: int = 3
 
     def get(self, name: str) -> Table:
         """Raises `NotFound`."""
@@ -114,6 +134,27 @@ class Backend(ABC):
     def snapshot(self, name: str) -> Path:
         """Snapshot one table to `<data_dir>/snapshots/<name>/<UTC timestamp>/`, keeping the
         newest `keep_snapshots`; returns the new path. Raises `NotFound`."""
+
+    # ---- tagged checkpoints (training jobs: `memstore.checkpoints`) ------------------------------
+
+    def checkpoint_table(self, name: str, tag: str) -> Path:
+        """A named checkpoint of one table; the same tag again while the table is unchanged
+        returns the existing one (every rank of a data-parallel job asks for it)."""
+        return self._checkpoints().take(self.get(name), tag)
+
+    def restore_checkpoint(self, name: str, tag: str) -> Path:
+        """Roll table `name` back to its checkpoint `tag` (a no-op when it is there already)."""
+        return self._checkpoints().restore(self.get(name), tag, self._replace_from)
+
+    def _checkpoints(self) -> Checkpoints:
+        if getattr(self, "_checkpoint_book", None) is None:
+            self._checkpoint_book = Checkpoints(self.data_dir, self.keep_checkpoints)
+        return self._checkpoint_book
+
+    @abstractmethod
+    def _replace_from(self, snapshot: Snapshot) -> Table:
+        """Make the table of `snapshot.spec.name` hold exactly the snapshot (rows, optimizer state,
+        dedup memory), durably; returns the table now serving that name."""
 
     @abstractmethod
     def checkpoint(self) -> None:

@@ -29,6 +29,9 @@ class DedupMemory:
     def is_duplicate(self, client_id: str, seq: int) -> bool:
         return bool(client_id) and is_duplicate(self._last.get(client_id), seq)
 
+    def last(self, client_id: str) -> int | None:
+        return self._last.get(client_id)
+
     def record(self, client_id: str, seq: int) -> None:
         if not client_id:
             return

@@ -115,6 +115,7 @@ class LmdbTable(Table):
         self._write_lock = threading.Lock()  # one writer at a time; also guards resizing
         self._pid = os.getpid()
         self._closed = False
+        self._version = 0  # updates committed since this environment was opened
 
     # ---- data path ------------------------------------------------------------------------
 
@@ -128,18 +129,29 @@ class LmdbTable(Table):
             rows[missing] = self._initial_stored(unique[missing])
         return np.take(rows, inverse, axis=0)  # (n, dim) in request order
 
-    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
+                     lr: float | None = None) -> bool:
         keys = row_keys(ids)
         with self._write_lock:
             self._check_usable()
-            return self._write(len(ids), lambda txn: self._update_body(txn, ids, keys, grads, client_id, seq))
+            applied = self._write(len(ids), lambda txn: self._update_body(txn, ids, keys, grads, client_id, seq, lr))
+            self._version += applied
+            return applied
+
+    def last_seq(self, client_id: str) -> int | None:
+        with self._read_txn() as txn:
+            return self._last_seq(txn, client_id)
+
+    @property
+    def version(self) -> int:
+        return self._version
 
     def _update_body(self, txn: lmdb.Transaction, ids: np.ndarray, keys: list[bytes], grads: np.ndarray,
-                     client_id: str, seq: int) -> bool:
+                     client_id: str, seq: int, lr: float | None) -> bool:
         if client_id and is_duplicate(self._last_seq(txn, client_id), seq):
             return False
         rows, state = self._read_for_update(txn, ids, keys)  # float32 (n, dim), (n, width)
-        optimizers.step(self.spec.optimizer, rows, state, grads)
+        optimizers.step(self.spec.optimizer, rows, state, grads, lr)
         stored = dtypes.from_float32(rows, self.spec.dtype)
         txn.cursor(db=self._rows_db).putmulti(zip(keys, row_values(stored)))
         if self._width:

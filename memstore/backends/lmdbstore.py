@@ -67,9 +67,10 @@ class LmdbBackend(Backend):
     name = "lmdb"
 
     def __init__(self, data_dir: Path, keep_snapshots: int = 2, sync: bool = True,
-                 map_size: int = 1 << 30, max_map_size: int | None = None) -> None:
+                 map_size: int = 1 << 30, max_map_size: int | None = None, keep_checkpoints: int = 3) -> None:
         """`map_size`: initial map per table (virtual; the file grows with the data);
         `max_map_size`: the most a table's map may grow to (None: until the disk is full)."""
+        self.keep_checkpoints = keep_checkpoints
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
         if max_map_size is not None and max_map_size < map_size:
@@ -127,31 +128,57 @@ class LmdbBackend(Backend):
             self.restore_table(snap)
 
     def restore_table(self, snapshot: Snapshot) -> LmdbTable:
-        """Create the snapshot's table holding its rows, optimizer state and dedup memory.
-
-        The load runs in `tables/.restore-<name>-<id>/` with unsynced commits, is fsynced once,
-        and is renamed to `tables/<name>/` only when complete: a crash mid-load leaves a temp
-        dir that the next start deletes (and restores again), never a half table."""
+        """Create the snapshot's table holding its rows, optimizer state and dedup memory."""
         name = snapshot.spec.name
         with self._admin:
             if name in self._tables:
                 raise AlreadyExists(f"table {name!r} already exists")
-            tables_dir = self.data_dir / TABLES_DIR
-            temp = tables_dir / f"{_RESTORE_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-            try:
-                table = self._new_table(temp, snapshot.spec, sync=False)
-                try:
-                    table.load(snapshot)
-                    table.sync()  # sync=False above: one flush instead of one per chunk
-                finally:
-                    table.close()
-                os.rename(temp, tables_dir / name)  # atomic: the table appears whole or not at all
-                fsync_dir(tables_dir)
-            except BaseException:
-                shutil.rmtree(temp, ignore_errors=True)
-                raise
-            self._reopen(tables_dir / name)
+            self._install(self._load_temp(snapshot), name)
             return self._tables[name]
+
+    def _replace_from(self, snapshot: Snapshot) -> Table:
+        """Load the snapshot beside the live table, then swap directories: a crash leaves the
+        old table or the new one (or, between the two renames, none: the next start rebuilds it
+        from its newest automatic snapshot)."""
+        name = snapshot.spec.name
+        temp = self._load_temp(snapshot)  # the slow part, outside the admin lock
+        with self._admin:
+            old = self.get(name)
+            del self._tables[name]
+            old.close()  # waits for the writer and open transactions
+            trash = old.path.with_name(f"{_RESTORE_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}")
+            os.rename(old.path, trash)  # removed at the next start if we crash before the rmtree
+            self._install(temp, name)
+            shutil.rmtree(trash, ignore_errors=True)
+            return self._tables[name]
+
+    def _load_temp(self, snapshot: Snapshot) -> Path:
+        """Load `snapshot` into `tables/.restore-<name>-<id>/` with unsynced commits, fsynced
+        once at the end. A crash mid-load leaves a temp dir that the next start deletes."""
+        temp = self.data_dir / TABLES_DIR / f"{_RESTORE_PREFIX}{snapshot.spec.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            table = self._new_table(temp, snapshot.spec, sync=False)
+            try:
+                table.load(snapshot)
+                table.sync()  # sync=False above: one flush instead of one per chunk
+            finally:
+                table.close()
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        return temp
+
+    def _install(self, temp: Path, name: str) -> None:
+        """Rename a loaded temp dir to `tables/<name>/` (atomic: the table appears whole or not
+        at all) and open it. Caller holds the admin lock."""
+        tables_dir = self.data_dir / TABLES_DIR
+        try:
+            os.rename(temp, tables_dir / name)
+            fsync_dir(tables_dir)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        self._reopen(tables_dir / name)
 
     def create_table(self, spec: TableSpec) -> Table:
         with self._admin:
@@ -184,6 +211,7 @@ class LmdbBackend(Backend):
             with self._snapshot_locks.setdefault(name, threading.Lock()):
                 shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
             shutil.rmtree(table.path, ignore_errors=True)
+            self._checkpoints().forget(name)
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)

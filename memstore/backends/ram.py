@@ -161,7 +161,8 @@ class RamTable(Table):
         finally:
             self._lock.release()
 
-    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int) -> bool:
+    def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
+                     lr: float | None = None) -> bool:
         with self._lock:
             self._check_alive()
             if self._dedup.is_duplicate(client_id, seq):
@@ -171,7 +172,7 @@ class RamTable(Table):
             bounds = np.linspace(0, len(ids), _parts(len(ids)) + 1).astype(int)
             parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
             new_ids = [ids[part][fresh] for part, fresh in
-                       zip(parts, _APPLY_POOL.map(lambda p: self._step_rows(ids[p], grads[p]), parts))]
+                       zip(parts, _APPLY_POOL.map(lambda p: self._step_rows(ids[p], grads[p], lr), parts))]
             # Rows and state first, flags last: a concurrent lookup trusts a set flag.
             new_ids = np.concatenate(new_ids) if new_ids else ids[:0]
             if len(new_ids):
@@ -181,7 +182,14 @@ class RamTable(Table):
             self._version += 1
             return True
 
-    def _step_rows(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    def last_seq(self, client_id: str) -> int | None:
+        return self._dedup.last(client_id)
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def _step_rows(self, ids: np.ndarray, grads: np.ndarray, lr: float | None) -> np.ndarray:
         """Gather, step and scatter rows + state of `ids`; returns the mask of rows that were fresh."""
         a, opt = self._a, self.spec.optimizer
         fresh = ~a.materialized[ids]                                          # (n,)
@@ -192,7 +200,7 @@ class RamTable(Table):
             stored[fresh] = self._initial_stored(new_ids)
             state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
         rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
-        optimizers.step(opt, rows, state, grads)
+        optimizers.step(opt, rows, state, grads, lr)
         a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
         a.state[ids] = state
         return fresh
@@ -210,18 +218,28 @@ class RamTable(Table):
 
     def snapshot(self, dest: Path) -> Path:
         """Copy the materialized rows out under the writer lock (consistent; no second copy of
-        the table in memory; updates wait, lookups go on), then fsync and publish without it."""
+        the table in memory; updates wait, lookups go on), then fsync and publish without it.
+        The table's restart point: `checkpoint()` skips it until the next update."""
         with self._snapshot_lock:
-            with self._lock:
-                self._check_alive()
-                writer, version = self._stream_rows(dest), self._version
-            try:
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            self._saved_version = version
+            self._saved_version = self._write_snapshot(dest)
             return dest
+
+    def export(self, dest: Path) -> Path:
+        with self._snapshot_lock:
+            self._write_snapshot(dest)  # not a restart point: `dirty` is left as it is
+            return dest
+
+    def _write_snapshot(self, dest: Path) -> int:
+        """Write the snapshot; returns the version it holds."""
+        with self._lock:
+            self._check_alive()
+            writer, version = self._stream_rows(dest), self._version
+        try:
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return version
 
     def _stream_rows(self, dest: Path) -> SnapshotWriter:
         a = self._a
@@ -236,6 +254,15 @@ class RamTable(Table):
             writer.abort()
             raise
         return writer
+
+    def reset_to(self, snap: Snapshot) -> None:
+        """Replace every row, all optimizer state and the dedup memory by the snapshot's (a
+        checkpoint restore). Updates wait; a lookup racing it may see rows of either side."""
+        with self._snapshot_lock, self._lock:
+            self._check_alive()
+            self._a.materialized.fill(False)  # never-written rows read as their initial value again
+            self.restore(snap)
+            self._version += 1  # a new state: the next `checkpoint()` persists it
 
     def restore(self, snap: Snapshot) -> None:
         """Load a snapshot's rows into the (fresh, empty) arrays, chunk by chunk."""
@@ -270,8 +297,9 @@ class RamBackend(Backend):
     name = "ram"
 
     def __init__(self, data_dir: Path, keep_snapshots: int = 2, memmap: bool = False,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, keep_checkpoints: int = 3) -> None:
         """`max_bytes` caps the dense arrays of all tables together (None: no cap)."""
+        self.keep_checkpoints = keep_checkpoints
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
         self.data_dir = Path(data_dir)
@@ -324,6 +352,15 @@ class RamBackend(Backend):
                 del self._tables[name]
                 table.release()
             shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
+            self._checkpoints().forget(name)
+
+    def _replace_from(self, snapshot: Snapshot) -> Table:
+        """In place (no second copy of the table in memory), then a snapshot: a restart after
+        this must come back to the restored state, not to the automatic snapshot before it."""
+        table = self.get(snapshot.spec.name)
+        table.reset_to(snapshot)
+        self.snapshot(snapshot.spec.name)
+        return table
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)

@@ -134,20 +134,28 @@ class LookupChunk(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ..., row_offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("table", "client_id", "seq", "total_rows", "ids", "grads")
+    __slots__ = ("table", "client_id", "seq", "total_rows", "ids", "grads", "rank", "world_size", "step_timeout_ms", "lr")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     table: str
     client_id: str
     seq: int
     total_rows: int
     ids: bytes
     grads: bytes
-    def __init__(self, table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ...) -> None: ...
+    rank: int
+    world_size: int
+    step_timeout_ms: int
+    lr: float
+    def __init__(self, table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step_timeout_ms: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied", "rows")
@@ -158,16 +166,32 @@ class UpdateResponse(_message.Message):
     def __init__(self, applied: _Optional[bool] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
-    __slots__ = ("table",)
+    __slots__ = ("table", "tag")
     TABLE_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     table: str
-    def __init__(self, table: _Optional[str] = ...) -> None: ...
+    tag: str
+    def __init__(self, table: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
 
 class SnapshotResponse(_message.Message):
     __slots__ = ("paths",)
     PATHS_FIELD_NUMBER: _ClassVar[int]
     paths: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("table", "tag")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    tag: str
+    def __init__(self, table: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()

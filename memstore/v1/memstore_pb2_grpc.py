@@ -69,6 +69,11 @@ class MemStoreStub:
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.SnapshotRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_memstore__pb2.SnapshotResponse.FromString,
                 _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/memstore.v1.MemStore/Restore',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.RestoreResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/memstore.v1.MemStore/Stats',
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.StatsRequest.SerializeToString,
@@ -119,7 +124,15 @@ class MemStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Snapshot(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A snapshot; with `tag`, a named checkpoint kept apart from the automatic snapshots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Roll a table back to a tagged checkpoint: rows, optimizer state and exactly-once memory.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -167,6 +180,11 @@ def add_MemStoreServicer_to_server(servicer, server):
                     servicer.Snapshot,
                     request_deserializer=memstore_dot_v1_dot_memstore__pb2.SnapshotRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_memstore__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.RestoreRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.RestoreResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -363,6 +381,33 @@ class MemStore:
             '/memstore.v1.MemStore/Snapshot',
             memstore_dot_v1_dot_memstore__pb2.SnapshotRequest.SerializeToString,
             memstore_dot_v1_dot_memstore__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.MemStore/Restore',
+            memstore_dot_v1_dot_memstore__pb2.RestoreRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.RestoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,169 @@
+"""Data-parallel training steps: W ranks contribute to one step, the shard applies their mean once.
+
+A rank's Update with `world_size` W > 1 carries the job (`client_id`), the step (`seq`, which is
+the training step + 1) and its `rank`. The shard keeps the contributions of a step until all W
+ranks have sent theirs (an empty one when the rank touched no row of this shard), then applies
+ONE optimizer step with the mean gradient (the sum over ranks / W: what DDP's all-reduce gives
+the dense parameters) under (client_id=job, seq), and answers every rank. A step that still
+misses a rank `timeout` seconds after its first contribution is dropped: nothing of it is
+applied, and every waiting rank gets ABORTED naming the missing ranks.
+
+All state below lives on the server's event loop thread (no locks); the apply runs on the
+executor.
+
+    _open[(table, job, seq)]      a step collecting contributions (not applied, not dropped)
+    _applying[(table, job, seq)]  the result future of a complete step while it is applied
+    _dropped[(table, job)]        seq → reason, for the last `_DROPPED_KEPT` dropped steps
+
+Invariants (each has a test in tests/test_steps.py):
+1. A step is applied at most once: `_complete` moves it out of `_open` before applying, and the
+   table's dedup memory refuses a second apply of (job, seq), across restarts too.
+2. Nothing of a dropped step is applied: `_drop` moves it out of `_open`, and a contribution
+   for a dropped seq is refused (ABORTED) rather than opening the step again.
+3. Every contributor's wait ends once, within the step's timeout plus the apply: its future is
+   resolved by `_apply` (result or error) or by `_drop`.
+4. A contribution for a step already applied or being applied is acknowledged with the step's
+   result (`applied=False`): a retried delivery, as for any update.
+5. At most `max_open_steps` steps are open per table: contributions are held in memory.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memstore.errors import Aborted, InvalidArgument, ResourceExhausted
+from memstore.store import Store
+
+_DROPPED_KEPT = 64  # dropped seqs remembered per (table, job)
+StepKey = tuple[str, str, int]  # (table, job, seq)
+
+
+@dataclass
+class _OpenStep:
+    world_size: int
+    lr: float | None
+    timeout_s: float
+    done: asyncio.Future                       # -> (applied, rows); shared by every contributor
+    timer: asyncio.TimerHandle | None = None
+    parts: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # rank → (ids, grads)
+
+
+def describe(job: str, seq: int, table: str) -> str:
+    return f"step {seq - 1} of job {job!r} on table {table!r}"
+
+
+class StepBarrier:
+    def __init__(self, store: Store, run: Callable[..., Awaitable], *, max_timeout_s: float = 3600.0,
+                 max_open_steps: int = 64):
+        self.store, self._run = store, run
+        self.max_timeout_s, self.max_open_steps = max_timeout_s, max_open_steps
+        self._open: dict[StepKey, _OpenStep] = {}
+        self._applying: dict[StepKey, asyncio.Future] = {}
+        self._dropped: dict[tuple[str, str], dict[int, str]] = {}
+
+    async def contribute(self, table: str, job: str, seq: int, rank: int, world_size: int, lr: float | None,
+                         timeout_s: float, ids: np.ndarray, grads: np.ndarray) -> tuple[bool, int]:
+        """Add rank `rank`'s gradients to the step and wait until the step is applied or dropped."""
+        self._check_header(job, rank, world_size, timeout_s)
+        key = (table, job, seq)
+        if key not in self._open and key not in self._applying:
+            last = await self._run(self.store.last_seq, table, job)
+            if last is not None and seq <= last and key not in self._applying:
+                return False, 0  # applied before (invariant 4)
+            await self._run(self.store.validate_update, table, ids, grads)
+        # No await from here until the contribution is registered: the state cannot move under us.
+        if key in self._applying:
+            return await self._retried(key)
+        reason = self._dropped.get((table, job), {}).get(seq)
+        if reason is not None:
+            raise Aborted(reason)  # invariant 2
+        step = self._open.get(key) or self._open_step(key, world_size, lr, timeout_s)
+        if (world_size, lr) != (step.world_size, step.lr):
+            raise InvalidArgument(
+                f"{describe(job, seq, table)}: rank {rank} sends world_size={world_size} lr={lr}, but the step "
+                f"was opened with world_size={step.world_size} lr={step.lr}; every rank must agree")
+        step.parts.setdefault(rank, (ids, grads))  # a rank's retry while the step is open changes nothing
+        if len(step.parts) == step.world_size:
+            self._complete(key)
+        return await asyncio.shield(step.done)
+
+    def _check_header(self, job: str, rank: int, world_size: int, timeout_s: float) -> None:
+        if not job:
+            raise InvalidArgument("a data-parallel Update (world_size > 1) names its job in client_id")
+        if not 0 <= rank < world_size:
+            raise InvalidArgument(f"rank {rank} is outside [0, world_size={world_size})")
+        if not 0 < timeout_s <= self.max_timeout_s:
+            raise InvalidArgument(f"step_timeout_ms must be in (0, {self.max_timeout_s * 1e3:.0f}] "
+                                  f"(the server's max_step_timeout_s), got {timeout_s * 1e3:.0f}")
+
+    def _open_step(self, key: StepKey, world_size: int, lr: float | None, timeout_s: float) -> _OpenStep:
+        table = key[0]
+        if sum(k[0] == table for k in self._open) >= self.max_open_steps:
+            raise ResourceExhausted(f"table {table!r} has {self.max_open_steps} data-parallel steps waiting "
+                                    "for ranks already; finish or drop those first")
+        loop = asyncio.get_running_loop()
+        step = _OpenStep(world_size, lr, timeout_s, loop.create_future())
+        step.done.add_done_callback(_mark_retrieved)
+        step.timer = loop.call_later(timeout_s, self._drop, key)
+        self._open[key] = step
+        return step
+
+    async def _retried(self, key: StepKey) -> tuple[bool, int]:
+        _, rows = await asyncio.shield(self._applying[key])
+        return False, rows
+
+    def _complete(self, key: StepKey) -> None:
+        step = self._open.pop(key)  # invariant 1: out of `_open` before anything is applied
+        step.timer.cancel()
+        self._applying[key] = step.done
+        asyncio.ensure_future(self._apply(key, step))
+
+    async def _apply(self, key: StepKey, step: _OpenStep) -> None:
+        table, job, seq = key
+        try:
+            ranks = sorted(step.parts)  # rank order: the same sum on every run
+            ids = np.concatenate([step.parts[r][0] for r in ranks])                     # (n,)
+            grads = np.concatenate([step.parts[r][1] for r in ranks])                   # (n, dim)
+            grads *= np.float32(1.0 / step.world_size)  # the mean over ranks, as DDP averages
+            result = await self._run(self.store.update, table, ids, grads, job, seq, step.lr)
+            step.done.set_result(result)
+        except Exception as exc:  # noqa: BLE001 - every rank gets the apply's error
+            step.done.set_exception(exc)
+        finally:
+            del self._applying[key]
+
+    def _drop(self, key: StepKey) -> None:
+        step = self._open.pop(key, None)
+        if step is None:
+            return
+        table, job, seq = key
+        missing = sorted(set(range(step.world_size)) - set(step.parts))
+        reason = (f"{describe(job, seq, table)} was dropped: rank(s) {missing} of {step.world_size} sent "
+                  f"nothing within {step.timeout_s:g} s; nothing of this step was applied on this shard. "
+                  "Restart the job from its last checkpoint (engram_client.restore_tables)")
+        dropped = self._dropped.setdefault((table, job), {})
+        dropped[seq] = reason
+        while len(dropped) > _DROPPED_KEPT:
+            del dropped[next(iter(dropped))]
+        step.done.set_exception(Aborted(reason))  # invariant 3
+
+    def forget_table(self, table: str, why: str) -> None:
+        """The table was dropped or restored: its open steps end (ABORTED), its memory goes."""
+        for key in [k for k in self._open if k[0] == table]:
+            step = self._open.pop(key)
+            step.timer.cancel()
+            step.done.set_exception(Aborted(f"{describe(key[1], key[2], table)} was abandoned: {why}"))
+        for job_key in [k for k in self._dropped if k[0] == table]:
+            del self._dropped[job_key]
+
+    def open_steps(self) -> int:
+        return len(self._open)
+
+
+def _mark_retrieved(future: asyncio.Future) -> None:
+    """A dropped step whose ranks all gave up must not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
