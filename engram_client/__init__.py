@@ -33,6 +33,12 @@ _EXPORTS = {
     "InProcessStore": "engram_client.host",
     "Prefetcher": "engram_client.prefetch",
     "RowCache": "engram_client.cache",
+    # ---- training jobs: steps, data-parallel ranks, checkpoints, lr schedules ---------------------
+    "Job": "engram_client.memstore_client",
+    "StepFailed": "engram_client.steps",
+    "checkpoint_tables": "engram_client.checkpoint",
+    "restore_tables": "engram_client.checkpoint",
+    "TableLR": "engram_client.checkpoint",
 }
 
 __all__ = [
@@ -42,6 +48,7 @@ __all__ = [
     "EngramState",
     "HostTables",
     "InProcessStore",
+    "Job",
     "LocalTables",
     "MemStoreClient",
     "MemStoreTables",
@@ -52,23 +59,29 @@ __all__ = [
     "RowwiseAdam",
     "ShardedClient",
     "ShortConv",
+    "StepFailed",
+    "TableLR",
     "TableSource",
     "TlsConfig",
     "build_token_map",
+    "checkpoint_tables",
+    "restore_tables",
     "tokenizer_fingerprint",
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.block import EngramBlock, EngramState, ShortConv
+    from engram_client.checkpoint import TableLR, checkpoint_tables, restore_tables
     from engram_client.cache import RowCache
     from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
     from engram_client.hashing import NgramHasher
     from engram_client.host import HostTables, InProcessStore
-    from engram_client.memstore_client import MemStoreClient, TlsConfig
+    from engram_client.memstore_client import Job, MemStoreClient, TlsConfig
     from engram_client.optim import RowwiseAdam
     from engram_client.prefetch import Prefetcher
     from engram_client.remote import MemStoreTables, RemoteTables
     from engram_client.sharded import ShardedClient
+    from engram_client.steps import StepFailed
     from engram_client.tables import LocalTables, TableSource
 
 

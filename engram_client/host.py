@@ -8,12 +8,13 @@ API of `MemStoreClient` (`lookup_async`, `update_async`, ...), so `RemoteTables`
 from __future__ import annotations
 
 import tempfile
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from engram_client.memstore_client import TableInfo
+from engram_client.memstore_client import Job, TableInfo
 from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
@@ -27,6 +28,7 @@ class InProcessStore:
         self.store = Store(open_backend(backend, self.data_dir))
         self._lookups = ThreadPoolExecutor(workers, thread_name_prefix="engram-host-lookup")
         self._updates = ThreadPoolExecutor(1, thread_name_prefix="engram-host-update")  # in order
+        self.client_id = uuid.uuid4().hex
 
     def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
                      init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
@@ -44,13 +46,24 @@ class InProcessStore:
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         return self._lookups.submit(self.lookup, name, ids)
 
-    def update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> bool:
-        return self.update_async(name, ids, grads).result()
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, **step_args) -> bool:
+        return self.update_async(name, ids, grads, **step_args).result()
 
-    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray) -> Future:
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+                     job: Job | None = None, lr: float | None = None) -> Future:
+        """As `MemStoreClient.update_async`; a data-parallel job needs a memstore server."""
+        if job is not None and job.world_size > 1:
+            raise ValueError("data-parallel jobs (world_size > 1) need memstore servers, not host tables")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         grads = np.asarray(grads, dtype=np.float32)
-        return self._updates.submit(lambda: self.store.update(name, ids, grads, "", 0)[0])
+        client_id, seq = ("", 0) if step is None else (job.client_id if job else self.client_id, step + 1)
+        return self._updates.submit(lambda: self.store.update(name, ids, grads, client_id, seq, lr)[0])
+
+    def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
+        return self.store.snapshot(name, tag)
+
+    def restore(self, name: str, tag: str) -> str:
+        return self.store.restore(name, tag)[0]
 
     @staticmethod
     def _info(view) -> TableInfo:

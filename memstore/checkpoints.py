@@ -96,8 +96,9 @@ class Checkpoints:
             self._current[name] = (tag, weakref.ref(table), version)
             return path
 
-    def restore(self, table, tag: str, replace_from: Callable[[Snapshot], object]) -> Path:
-        """Roll `table` back to checkpoint `tag` through the backend's `replace_from`."""
+    def restore(self, table, tag: str, replace_from: Callable[[Snapshot], object]) -> tuple[Path, bool]:
+        """Roll `table` back to checkpoint `tag` through the backend's `replace_from`; returns
+        (path, whether anything changed)."""
         check_tag(tag)
         name = table.spec.name
         with self._lock(name):
@@ -107,13 +108,13 @@ class Checkpoints:
                 raise NotFound(f"table {name!r} has no checkpoint {tag!r} on this server "
                                f"(it has: {', '.join(have) or 'none'})")
             if self._is_current(name, tag, table):
-                return path
+                return path, False
             snap = read_snapshot(path)  # verifies the checksums: never roll back to a damaged copy
             if snap.spec != table.spec:
                 raise FailedPrecondition(f"checkpoint {path} holds another table spec: {snap.spec}")
             restored = replace_from(snap)
             self._current[name] = (tag, weakref.ref(restored), restored.version)
-            return path
+            return path, True
 
     def forget(self, name: str) -> None:
         """The table was dropped: its checkpoints go with it."""

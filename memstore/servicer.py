@@ -129,8 +129,9 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table, request.tag))
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreResponse:
-        path = await self._run(self.store.restore, request.table, request.tag)
-        self.steps.forget_table(request.table, f"the table was restored to checkpoint {request.tag!r}")
+        path, changed = await self._run(self.store.restore, request.table, request.tag)
+        if changed:  # another rank's restore of the same checkpoint must not abandon steps already sent
+            self.steps.forget_table(request.table, f"the table was restored to checkpoint {request.tag!r}")
         return pb.RestoreResponse(path=path)
 
     async def Stats(self, request, context) -> pb.StatsResponse:

@@ -135,12 +135,13 @@ class Store:
         names = [name] if name else [t.spec.name for t in self.backend.tables()]
         return [str(self.backend.snapshot(n)) for n in names]
 
-    def restore(self, name: str, tag: str) -> str:
-        """Roll table `name` back to its checkpoint `tag`."""
+    def restore(self, name: str, tag: str) -> tuple[str, bool]:
+        """Roll table `name` back to its checkpoint `tag`; returns (path, whether it changed)."""
         self._check_writable("Restore")
         if not tag:
             raise InvalidArgument("Restore needs the tag of a checkpoint (SnapshotRequest.tag)")
-        return str(self.backend.restore_checkpoint(name, tag))
+        path, changed = self.backend.restore_checkpoint(name, tag)
+        return str(path), changed
 
     def last_seq(self, name: str, client_id: str) -> int | None:
         """The last seq (training step + 1) applied for `client_id` on table `name`."""

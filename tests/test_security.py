@@ -51,9 +51,10 @@ REQUESTS = {
     "Update": [pb.UpdateChunk(table="t", client_id="evil", seq=1, total_rows=1, ids=np.zeros(1, "<i8").tobytes(),
                               grads=np.ones(2, "<f4").tobytes())],
     "Snapshot": pb.SnapshotRequest(table="t"),
+    "Restore": pb.RestoreRequest(table="t", tag="ck"),
     "Stats": pb.StatsRequest(),
 }
-WRITES = {"CreateTable", "DropTable", "Update"}
+WRITES = {"CreateTable", "DropTable", "Update", "Restore"}
 
 
 def call(channel: grpc.Channel, method: str, metadata=()) -> tuple[grpc.StatusCode, str]:

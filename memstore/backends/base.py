@@ -142,8 +142,9 @@ class Backend(ABC):
         returns the existing one (every rank of a data-parallel job asks for it)."""
         return self._checkpoints().take(self.get(name), tag)
 
-    def restore_checkpoint(self, name: str, tag: str) -> Path:
-        """Roll table `name` back to its checkpoint `tag` (a no-op when it is there already)."""
+    def restore_checkpoint(self, name: str, tag: str) -> tuple[Path, bool]:
+        """Roll table `name` back to its checkpoint `tag`; returns (path, whether anything
+        changed): a no-op when the table is exactly that checkpoint already."""
         return self._checkpoints().restore(self.get(name), tag, self._replace_from)
 
     def _checkpoints(self) -> Checkpoints:

@@ -260,7 +260,9 @@ class RamTable(Table):
         checkpoint restore). Updates wait; a lookup racing it may see rows of either side."""
         with self._snapshot_lock, self._lock:
             self._check_alive()
-            self._a.materialized.fill(False)  # never-written rows read as their initial value again
+            written = np.flatnonzero(self._a.materialized)                   # (m,) touched rows only
+            self._a.materialized[written] = False  # unlisted rows read as their initial value again
+            self._a.state[written] = 0  # the arrays' zeros: what materializing a row relies on
             self.restore(snap)
             self._version += 1  # a new state: the next `checkpoint()` persists it
 
