@@ -67,6 +67,7 @@ def restore_tables(model: nn.Module, record: dict[str, Any]) -> None:
         raise ValueError(f"the record has no checkpoint of table(s) {missing}; it holds {sorted(record['tables'])}")
     for source in sources:
         entry = record["tables"][source.name]
+        source.steps.drain()  # an update still travelling must not land after the restore
         source.store.restore(source.name, entry["tag"])
         source.reset_step(entry["step"])
 

@@ -94,8 +94,15 @@ class StepLog:
                 self._inflight[step] = (ids, send(step), send)
         return failed
 
+    def drain(self) -> None:
+        """Wait until no pushed step is still travelling, failed or not (before a restore: an
+        update landing after it would change the restored table)."""
+        with self._lock:
+            futures = [future for _, future, _ in self._inflight.values()]
+        wait_futures(futures)
+
     def reset(self, step: int) -> None:
-        """Start over at `step` (a checkpoint was restored): nothing in flight is waited for."""
+        """Start over at `step` (a checkpoint was restored); call `drain()` first."""
         with self._lock:
             self.next_step = self.confirmed = step
             self._inflight.clear()

@@ -73,7 +73,7 @@ class StepBarrier:
             last = await self._run(self.store.last_seq, table, job)
             if last is not None and seq <= last and key not in self._applying:
                 return False, 0  # applied before (invariant 4)
-            await self._run(self.store.validate_update, table, ids, grads)
+        await self._run(self.store.validate_update, table, ids, grads)  # a bad share never joins a step
         # No await from here until the contribution is registered: the state cannot move under us.
         if key in self._applying:
             return await self._retried(key)
