@@ -154,6 +154,8 @@ class MemStoreClient:
         # order only, so a later step applied before the failed one would make its re-send a no-op.
         self._failed_step: dict[tuple[str, str], int] = {}
         self._step_tables: set[str] = set()  # tables this client's own id updates by step
+        # (table, client_id) → the highest step acknowledged here: a step at or below it is a re-send.
+        self._acked_step: dict[tuple[str, str], int] = {}
 
     # ---- tables -------------------------------------------------------------------------------
 
@@ -299,13 +301,26 @@ class MemStoreClient:
         if job is not None and job.world_size > 1:
             header.update(rank=job.rank, world_size=job.world_size, step_timeout_ms=int(job.step_timeout_s * 1e3))
             timeout += job.step_timeout_s  # the server answers when every rank has sent (or the step is dropped)
+        key = (name, client_id)
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return self._stream_update(name, header, ids, grads, timeout)
         try:
-            applied = self._retry(partial(self._stream_update, name, header, ids, grads, timeout))
+            applied = self._retry(attempt)
+            if not applied and attempts == 1 and failed is None and step > self._acked_step.get(key, -1):
+                raise FailedPrecondition(
+                    f"step {step} of table {name!r} was already applied on {self.target} before this client sent it: "
+                    f"an earlier run used the same {'job name ' + repr(job.name) if job else 'client_id'}. "
+                    "Resume that run with restore_tables(), or start a new one under a new name")
         except BaseException:
-            self._failed_step[(name, client_id)] = min(step, failed if failed is not None else step)
+            self._failed_step[key] = min(step, failed if failed is not None else step)
             raise
         if failed == step:
-            del self._failed_step[(name, client_id)]
+            del self._failed_step[key]
+        self._acked_step[key] = max(step, self._acked_step.get(key, -1))
         return applied
 
     def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,

@@ -138,3 +138,17 @@ def test_killed_rank_fails_the_others_cleanly_and_the_job_resumes(tmp_path, shar
     assert run_job(shards, run, 2, *job, "--resume") == [0, 0], errors(run)
     resumed, uninterrupted = torch.load(run / "rows-8.pt"), torch.load(ref / "rows-8.pt")
     np.testing.assert_array_equal(resumed["rows"].numpy(), uninterrupted["rows"].numpy())
+
+
+def test_the_ddp_example_runs_and_resumes_under_torchrun(tmp_path, shards):
+    def torchrun(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(free_port()), str(ROOT / "examples" / "ddp_train.py"), "--targets", shards,
+             "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "5", *args],
+            capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+    assert "done: 12 steps" in torchrun("--steps", "12")
+    resumed = torchrun("--steps", "14", "--resume")
+    assert "resumed at step 10" in resumed and "done: 14 steps" in resumed, resumed

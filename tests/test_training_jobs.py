@@ -268,3 +268,15 @@ def test_async_row_cache_holds_only_current_rows(tmp_path):
 def test_a_data_parallel_rank_refuses_a_row_cache(tmp_path):
     with memstore_cluster(tmp_path, 1) as client, pytest.raises(ValueError, match="cache"):
         MemStoreTables(client, "t", 10, 4, job="j", rank=0, world_size=2, cache=RowCache(1 << 16, 4))
+
+
+def test_a_new_run_reusing_a_job_name_fails_loudly(tmp_path):
+    """Without restore_tables, a second run of job 'j' would have its steps acknowledged as
+    already applied (its first steps silently skipped): the client refuses instead."""
+    from engram_client import Job
+    with memstore_cluster(tmp_path, 2) as client:
+        client.create_table("t", 10, 2, init="zeros", optimizer="sgd", lr=1.0)
+        client.update("t", [0, 1], np.ones((2, 2)), step=0, job=Job("j"))
+        with ShardedClient(client.targets) as again, \
+                pytest.raises(FailedPrecondition, match="earlier run used the same job name 'j'"):
+            again.update("t", [0, 1], np.ones((2, 2)), step=0, job=Job("j"))
