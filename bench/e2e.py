@@ -9,6 +9,7 @@ Variants, each its own model from the same seed, trained on the same batches:
                        row-wise Adam), `Prefetcher(depth=2)`: lookups of step k+1 overlap step k,
                        every lookup sees every earlier update (exactly local training).
 - memstore+prefetch (async): the same with rows at most one step stale.
+- 2 ranks (`bench.e2e_ranks`): data-parallel, DDP with local tables vs a memstore job of 2 ranks.
 Rounds interleave the variants (each runs `e2e_steps` steps per round; the first 2 steps of a
 round, pipeline start-up, are dropped), so load from the neighbours hits all of them alike.
 Ratio = mean step time / local mean step time: a throughput ratio (1.03 = 3% slower).
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.config import BenchConfig, E2EShape
+from bench.e2e_ranks import LOCAL_2, run_variants
 from bench.procs import MemstoreServer
 from bench.report import Section
 from bench.tables import optimizer_spec, preload
@@ -149,7 +151,31 @@ def run(cfg: BenchConfig, work: Path) -> Section:
         finally:
             torch.set_num_threads(threads_before)
         report(section, variants, cfg)
+        report_ranks(section, run_variants(cfg, work, server.target), cfg)
     return section
+
+
+def report_ranks(section: Section, step_s: dict[str, list[float]], cfg: BenchConfig) -> None:
+    """The 2-rank rows, as ratios to 2-rank DDP with local tables."""
+    base_mean, base_median = np.mean(step_s[LOCAL_2]), np.median(step_s[LOCAL_2])
+    tokens = cfg.e2e_batch * cfg.e2e_shape.block_size  # the global batch: both ranks together
+    for name, times in step_s.items():
+        mean, median = float(np.mean(times)), float(np.median(times))
+        p10, p90 = np.percentile(times, [10, 90])
+        section.records.append({
+            "variant": name, "threads": 1, "steps": len(times), "step_ms_mean": 1e3 * mean,
+            "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * p10, "step_ms_p90": 1e3 * p90,
+            "ratio_mean": mean / base_mean, "ratio_median": median / base_median, "tokens_per_s": tokens / mean,
+            "step_s": times})
+        section.table.append({
+            "variant": name, "step ms (mean)": f"{1e3 * mean:.1f}", "p10-p90 ms": f"{1e3 * p10:.0f}-{1e3 * p90:.0f}",
+            "ratio (mean)": f"{mean / base_mean:.3f}", "ratio (median)": f"{median / base_median:.3f}",
+            "tokens/s": f"{tokens / mean:,.0f}", "rows wait ms": "-", "server CPU ms/step": "-"})
+    section.notes.append(
+        "2-rank rows: two processes (gloo), one torch thread each, each on half of the global batch; their "
+        "ratios are to 2-rank DDP with local tables, whose dense table gradient DDP all-reduces whole every "
+        "step (gloo has no sparse all-reduce). With memstore each rank ships only its rows' gradients and "
+        "the server applies their mean once per step.")
 
 
 def report(section: Section, variants: list[Variant], cfg: BenchConfig) -> None:
