@@ -53,7 +53,8 @@ def _e2e(section: Section, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     names = [r["variant"] for r in records]
     means = [r["step_ms_mean"] for r in records]
-    bars = ax.barh(names, means, color=["tab:gray"] + ["tab:blue"] * (len(records) - 1))
+    baselines = {"local (in-process)", "2 ranks: DDP, local tables"}  # what the ratios are relative to
+    bars = ax.barh(names, means, color=["tab:gray" if n in baselines else "tab:blue" for n in names])
     for bar, r in zip(bars, records):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  x{r['ratio_mean']:.3f}", va="center")
     ax.axvline(means[0] * 1.03, color="tab:red", linestyle="--", label="goal: local x 1.03")

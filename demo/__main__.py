@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embed-per-ngram", type=int, default=None, help="embedding width per order (default 128)")
     g.add_argument("--table-rows", type=int, default=None, help="target rows per hash head (default 100003)")
     g.add_argument("--table-lr-mult", type=float, default=5.0, help="table lr / backbone lr (the paper: 5)")
+    g.add_argument("--table-lr-schedule", choices=("follow", "constant"), default="follow",
+                   help="table lr follows the backbone's warm-up + cosine (scaled), or stays constant")
     g.add_argument("--tables", choices=("memstore", "local"), default="memstore",
                    help="rows on memstore (server-side Adam) or an in-model parameter (RowwiseAdam)")
     g.add_argument("--mode", choices=("sync", "async"), default="sync", help="memstore consistency")
@@ -181,7 +183,7 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
     settings = EngramSettings(layer=args.engram_layer, max_ngram_size=args.max_ngram,
                               heads_per_ngram=args.heads_per_ngram, embed_per_ngram=args.embed_per_ngram,
                               table_rows=args.table_rows, tables=args.tables, mode=args.mode,
-                              table_lr=args.lr * args.table_lr_mult)
+                              table_lr=args.lr * args.table_lr_mult, table_lr_schedule=args.table_lr_schedule)
     memory = EngramMemory(settings, tok.tokenizer, tok.eos_id, CACHE_DIR, client=client,
                           table_prefix=f"demo_{stamp}")
     print(f"engram: token compression {tok.vocab_size} -> {memory.compressed_vocab} ids; layer {settings.layer} "
@@ -208,7 +210,8 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
         "model_config": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg),
         "engram": {"config": dataclasses.asdict(memory.config), "tables": settings.tables, "mode": settings.mode,
-                   "table_lr": settings.table_lr, "table_name": memory.table_name,
+                   "table_lr": settings.table_lr, "table_lr_schedule": settings.table_lr_schedule,
+                   "table_name": memory.table_name,
                    "server": _server_desc(args, daemon)},
         "models": {r.name: {"params": models[r.name].param_counts(), "flops": models[r.name].flops_per_token(),
                             "summary": r.summary(), "curves": dataclasses.asdict(r)} for r in results},

@@ -36,6 +36,7 @@ class EngramSettings:
     kernel_size: int = 4  # ShortConv kernel
     tables: str = "memstore"  # memstore | local
     table_lr: float = 1e-2  # Adam lr of the table rows: the paper's 5x the backbone's (2e-3)
+    table_lr_schedule: str = "follow"  # follow: the backbone's warm-up + cosine, scaled | constant
     table_dtype: str = "float32"
     mode: str = "sync"  # memstore consistency: sync | async (rows at most one step stale)
 
@@ -92,6 +93,17 @@ class EngramMemory:
         if self.block is None or not isinstance(self.block.tables, LocalTables):
             return None
         return RowwiseAdam(self.block.tables.parameters(), lr=self.settings.table_lr)
+
+    def follow_schedule(self, scale: float, table_opt: torch.optim.Optimizer | None) -> None:
+        """Set the tables' lr for this step: `table_lr * scale`, where scale = the backbone's lr
+        now / its peak. Memstore tables send it with the step's update (`RemoteTables.lr`)."""
+        if self.settings.table_lr_schedule == "constant":
+            return
+        lr = self.settings.table_lr * scale
+        if self.remote is not None:
+            self.remote.lr = lr
+        for group in table_opt.param_groups if table_opt is not None else ():
+            group["lr"] = lr
 
     @property
     def remote(self) -> RemoteTables | None:

@@ -153,7 +153,7 @@ def report_markdown(metrics: dict) -> str:
         f"- tokenizer: {tokens}",
         f"- model (baseline; the Engram model adds engram_layer): `{metrics['model_config']}`",
         f"- training: `{metrics['train']}`",
-        f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']}, mode {eng_cfg['mode']}",
+        f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']} ({eng_cfg.get('table_lr_schedule', 'constant')}), mode {eng_cfg['mode']}",
         f"- {FLOPS_NOTE}",
         "",
         "## Samples (incremental decoding, temperature 0.8, top-k 50)",

@@ -2,7 +2,9 @@
 
 Backbone parameters train with AdamW (warm-up, then cosine decay to `min_lr_ratio * lr`). Engram
 table rows train elsewhere: on the memstore server (its row-wise Adam, driven by the gradients the
-table source ships during backward) or, for `--tables local`, with `RowwiseAdam` here.
+table source ships during backward) or, for `--tables local`, with `RowwiseAdam` here. Both follow
+the backbone's schedule, scaled to the table lr (`--table-lr-schedule follow`, the default): each
+step's update carries its learning rate to the server.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ def train_model(name: str, model: GPT, train_ids: np.ndarray, val: tuple[torch.T
         fetched_before = remote.stats.rows_fetched if remote else 0
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
+        if memory is not None:
+            memory.follow_schedule(lr_at(step, cfg) / cfg.lr, table_opt)
         loss = _train_step(model, batch, optimizer, table_opt, dense_params, cfg.grad_clip)
         result.step_ms.append(1e3 * (time.perf_counter() - step_start))
         result.steps.append(step)

@@ -71,8 +71,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.block import EngramBlock, EngramState, ShortConv
-    from engram_client.checkpoint import TableLR, checkpoint_tables, restore_tables
     from engram_client.cache import RowCache
+    from engram_client.checkpoint import TableLR, checkpoint_tables, restore_tables
     from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
     from engram_client.hashing import NgramHasher
     from engram_client.host import HostTables, InProcessStore

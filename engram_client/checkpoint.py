@@ -87,7 +87,7 @@ class TableLR(torch.optim.Optimizer):
             groups.append(group)
         super().__init__(groups, defaults={})
 
-    def step(self, closure=None) -> None:  # noqa: ARG002 - the servers step the tables
+    def step(self, closure=None) -> None:
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

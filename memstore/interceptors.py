@@ -10,8 +10,8 @@ import errno
 import hmac
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 
 import grpc
 
@@ -188,6 +188,16 @@ class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(HEALTH_METHODS):
             return handler
         return _wrap(handler, self._guard, _method_name(details))
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A request that only waits gives its slot back meanwhile: a data-parallel step waits for
+        all of its W ranks, so W > limit waiting shares would otherwise lock each other out."""
+        self.in_flight -= 1
+        try:
+            yield
+        finally:
+            self.in_flight += 1
 
     @asynccontextmanager
     async def _guard(self, context, method):

@@ -112,8 +112,8 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     metrics = Metrics()
     metrics.watch_store(store)
     # Outermost first: refuse unauthenticated calls before counting them, count before timing.
-    interceptors = [ConcurrencyLimitInterceptor(config.max_concurrent_requests), MetricsInterceptor(metrics),
-                    ErrorInterceptor()]
+    admission = ConcurrencyLimitInterceptor(config.max_concurrent_requests)
+    interceptors = [admission, MetricsInterceptor(metrics), ErrorInterceptor()]
     if config.token:
         interceptors.insert(0, AuthInterceptor(config.token))
     server = grpc.aio.server(
@@ -123,7 +123,7 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
     add_to_server(MemStoreServicer(
         store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3,
-        max_step_timeout_s=config.max_step_timeout_s), server)
+        max_step_timeout_s=config.max_step_timeout_s, admission=admission), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -7,6 +7,7 @@ Errors are raised as `memstore.errors` exceptions and mapped to status codes by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -96,13 +97,14 @@ def add_to_server(servicer: MemStoreServicer, server: grpc.aio.Server) -> None:
 
 class MemStoreServicer(pb_grpc.MemStoreServicer):
     def __init__(self, store: Store, executor: ThreadPoolExecutor, backend_name: str, metrics: Metrics,
-                 lookup_delay_s: float = 0.0, max_step_timeout_s: float = 3600.0):
+                 lookup_delay_s: float = 0.0, max_step_timeout_s: float = 3600.0, admission=None):
         self.store = store
         self.executor = executor
         self.backend_name = backend_name
         self.metrics = metrics
         self.lookup_delay_s = lookup_delay_s  # testing only (fault_lookup_delay_ms)
         self.steps = StepBarrier(store, self._run, max_timeout_s=max_step_timeout_s)
+        self.admission = admission  # the concurrency limit: a share waiting for other ranks leaves it
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -180,9 +182,10 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         spec = self.store.check_update_size(first.table, first.total_rows, first.client_id)
         ids, grads = await self._receive_update(first, request_iterator, spec.dim)
         if first.world_size > 1:  # a data-parallel step: wait for every rank (memstore.steps)
-            applied, rows = await self.steps.contribute(
-                first.table, first.client_id, first.seq, first.rank, first.world_size, lr,
-                first.step_timeout_ms / 1e3, ids, grads)
+            with self.admission.waiting() if self.admission else contextlib.nullcontext():
+                applied, rows = await self.steps.contribute(
+                    first.table, first.client_id, first.seq, first.rank, first.world_size, lr,
+                    first.step_timeout_ms / 1e3, ids, grads)
         else:
             applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id,
                                             first.seq, lr)

@@ -95,7 +95,7 @@ def record_traffic(source, log: dict) -> None:
 
 def main() -> None:
     args = parse()
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(args.out)
     if world_size > 1 and not args.no_ddp:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -174,3 +174,19 @@ def test_the_log_stays_small_over_many_steps():
     assert log.in_flight() == 0 and len(log._recent) == RECENT             # invariant 3
     assert log.ids_between(1000 - RECENT, 1000) is not None                 # invariant 4
     assert log.ids_between(1000 - RECENT - 1, 1000) is None
+
+
+def test_more_ranks_than_the_concurrency_limit_still_complete_a_step(tmp_path):
+    """A share waiting for the other ranks gives its admission slot back: with at most 2 RPCs
+    admitted, 4 ranks' shares of one step must all get in (else none could ever finish)."""
+    from engram_client import Job, MemStoreClient
+    from tests.servers import in_process
+    with in_process(tmp_path / "data", max_concurrent_requests=2) as server:
+        clients = [MemStoreClient(server.target) for _ in range(4)]
+        clients[0].create_table("t", 8, DIM, init="zeros", optimizer="sgd", lr=1.0)
+        futures = [c.update_async("t", [r], np.ones((1, DIM)), step=0, job=Job("big", r, 4, step_timeout_s=20))
+                   for r, c in enumerate(clients)]
+        assert [f.result(timeout=30) for f in futures] == [True] * 4
+        np.testing.assert_array_equal(clients[0].lookup("t", np.arange(4))[:, 0], [-0.25] * 4)
+        for client in clients:
+            client.close()
