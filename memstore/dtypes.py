@@ -37,7 +37,12 @@ def to_float32(rows: np.ndarray, name: str) -> np.ndarray:
 def from_float32(values: np.ndarray, name: str) -> np.ndarray:
     """float32 → stored rows; bf16 rounds to nearest even like torch's `.to(torch.bfloat16)`."""
     if name == "bfloat16":
-        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        bits = values.view(np.uint32)
         rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        return ((bits + rounding) >> 16).astype(np.uint16)
+        out = ((bits + rounding) >> 16).astype(np.uint16)
+        nan = np.isnan(values)
+        if nan.any():  # rounding would carry a NaN's mantissa into the exponent (Inf, or 0 on overflow)
+            out[nan] = ((bits[nan] >> 16) | np.uint32(0x0040)).astype(np.uint16)  # quiet NaN, sign kept
+        return out
     return values.astype(storage_dtype(name))

@@ -372,12 +372,20 @@ class RamBackend(Backend):
         return path
 
     def checkpoint(self) -> None:
+        """Snapshot every changed table. One that fails does not stop the others: the error of
+        the first failure is raised after every table was tried."""
+        first_error = None
         for table in self.tables():
             if table.dirty:
                 try:
                     self.snapshot(table.spec.name)
                 except NotFound:  # dropped meanwhile: nothing left to keep
                     pass
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the other tables
+                    log.error("snapshot of table %r failed: %s", table.spec.name, exc)
+                    first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
 
     def close(self) -> None:
         with self._admin:
