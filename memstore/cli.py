@@ -2,7 +2,8 @@
 
     memstore serve --backend lmdb --data-dir /data --port 50051
     memstore create-table ngram_l1 --rows 10000000 --dim 64 --dtype float16 --optimizer adam --lr 0.005
-    memstore ls | stats | snapshot [TABLE] | describe TABLE | drop-table TABLE | health
+    memstore ls | stats | snapshot [TABLE] [--tag T] | restore TABLE --tag T | describe TABLE
+             | drop-table TABLE | health
     memstore reshard --from DIR... --to OUT_DIR --shards M      (offline, see memstore/reshard.py)
 
 Client commands find the server with --target (or MEMSTORE_TARGET), default 127.0.0.1:50051.
@@ -100,9 +101,17 @@ def cmd_stats(args) -> int:
 
 
 def cmd_snapshot(args) -> int:
+    if args.tag and not args.name:
+        raise ConfigError("snapshot --tag needs a TABLE")
     with _client(args) as client:
-        for path in client.snapshot(args.name or ""):
+        for path in client.snapshot(args.name or "", tag=args.tag or ""):
             print(path)
+    return 0
+
+
+def cmd_restore(args) -> int:
+    with _client(args) as client:
+        print(client.restore(args.name, args.tag))
     return 0
 
 
@@ -191,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("stats", cmd_stats, "server and table statistics (JSON)")
     snap = client_command("snapshot", cmd_snapshot, "snapshot one table, or all")
     snap.add_argument("name", nargs="?")
+    snap.add_argument("--tag", help="a named checkpoint of TABLE (what engram_client.checkpoint_tables takes)")
+    restore = client_command("restore", cmd_restore, "roll a table back to a named checkpoint (--tag)")
+    restore.add_argument("name")
+    restore.add_argument("--tag", required=True)
     describe = client_command("describe", cmd_describe, "one table's spec and usage (JSON)")
     describe.add_argument("name")
     drop = client_command("drop-table", cmd_drop_table, "drop a table and its snapshots")

@@ -90,3 +90,19 @@ def test_one_listed_shard_of_three_is_refused(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_python_dash_m_memstore_runs_the_cli(tmp_path):
+    import subprocess
+    import sys
+    with in_process(tmp_path / "d") as server:
+        MemStoreClient(server.target).create_table("t", 4, 2)
+        def run(*args):
+            return subprocess.run([sys.executable, "-m", "memstore", *args, "--target", server.target],
+                                  capture_output=True, text=True, check=False)
+        tagged = run("snapshot", "t", "--tag", "ck1")
+        assert tagged.returncode == 0 and "checkpoints/t/" in tagged.stdout, tagged.stderr
+        restored = run("restore", "t", "--tag", "ck1")
+        assert restored.returncode == 0 and "ck1" in restored.stdout, restored.stderr
+        missing = run("restore", "t", "--tag", "nope")
+        assert missing.returncode == 1 and "no checkpoint 'nope'" in missing.stderr
