@@ -96,7 +96,7 @@ def main() -> None:
     ckpt_dir = Path(args.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if args.resume and (ckpt_dir / f"rank{rank}.pt").exists():
-        state = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=False)
+        state = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=True)
         model.load_state_dict(state["model"])
         dense.load_state_dict(state["dense"])
         for scheduler, saved in zip(schedulers, state["schedulers"]):

@@ -84,11 +84,11 @@ def record_traffic(source, log: dict) -> None:
 
     def ready_rows(pending):
         weights = ready(pending)
-        log["reads"].append((source.step, pending.unique.copy(), weights.detach().clone().numpy()))
+        log["reads"].append((source.step, torch.from_numpy(pending.unique.copy()), weights.detach().clone()))
         return weights
 
     def update_async(name, ids, grads, **kw):
-        log["sent"].append((kw["step"], np.asarray(ids).copy(), np.asarray(grads).copy()))
+        log["sent"].append((kw["step"], torch.from_numpy(np.array(ids)), torch.from_numpy(np.array(grads, np.float32))))
         return update(name, ids, grads, **kw)
     source._ready_rows, source.store.update_async = ready_rows, update_async
 
@@ -104,7 +104,7 @@ def main() -> None:
     if args.record:
         record_traffic(source, log)
     if args.resume:
-        state = torch.load(out / f"ckpt-{rank}.pt", weights_only=False)
+        state = torch.load(out / f"ckpt-{rank}.pt", weights_only=True)
         model.load_state_dict(state["model"])
         dense_opt.load_state_dict(state["dense_opt"])
         restore_tables(model, state["tables"])
