@@ -68,7 +68,7 @@ def restore_tables(model: nn.Module, record: dict[str, Any]) -> None:
     for source in sources:
         entry = record["tables"][source.name]
         source.steps.drain()  # an update still travelling must not land after the restore
-        source.store.restore(source.name, entry["tag"])
+        source.store.restore(source.name, entry["tag"], job=source.job)
         source.reset_step(entry["step"])
 
 
@@ -86,6 +86,13 @@ class TableLR(torch.optim.Optimizer):
             group["params"] = [torch.zeros(0, requires_grad=True)]  # torch wants a parameter per group
             groups.append(group)
         super().__init__(groups, defaults={})
+        self.sources = sources
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch replaces the group dicts on load: hand the new ones to the tables again."""
+        super().load_state_dict(state_dict)
+        for source, group in zip(self.sources, self.param_groups, strict=True):
+            source.param_group = group
 
     def step(self, closure=None) -> None:
         return None

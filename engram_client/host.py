@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_client.memstore_client import Job, TableInfo
+from engram_client.memstore_client import Job, StepOrder, TableInfo
 from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
@@ -29,6 +29,7 @@ class InProcessStore:
         self._lookups = ThreadPoolExecutor(workers, thread_name_prefix="engram-host-lookup")
         self._updates = ThreadPoolExecutor(1, thread_name_prefix="engram-host-update")  # in order
         self.client_id = uuid.uuid4().hex
+        self._steps = StepOrder()  # touched only on the update thread
 
     def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
                      init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
@@ -56,13 +57,26 @@ class InProcessStore:
             raise ValueError("data-parallel jobs (world_size > 1) need memstore servers, not host tables")
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         grads = np.asarray(grads, dtype=np.float32)
-        client_id, seq = ("", 0) if step is None else (job.client_id if job else self.client_id, step + 1)
-        return self._updates.submit(lambda: self.store.update(name, ids, grads, client_id, seq, lr)[0])
+        if step is None:
+            return self._updates.submit(lambda: self.store.update(name, ids, grads, "", 0, lr)[0])
+        key = (name, job.client_id if job else self.client_id)
+
+        def apply() -> bool:  # on the update thread, in order, as MemStoreClient sends
+            self._steps.check(key, step, "the in-process store")
+            try:
+                applied = self.store.update(name, ids, grads, key[1], step + 1, lr).applied
+            except BaseException:
+                self._steps.record(key, step, ok=False)
+                raise
+            self._steps.record(key, step, ok=True)
+            return applied
+        return self._updates.submit(apply)
 
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
         return self.store.snapshot(name, tag)
 
-    def restore(self, name: str, tag: str) -> str:
+    def restore(self, name: str, tag: str, *, job: Job | None = None) -> str:
+        self._updates.submit(self._steps.forget, name).result()
         return self.store.restore(name, tag)[0]
 
     @staticmethod

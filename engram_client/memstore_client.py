@@ -85,6 +85,45 @@ class Job:
         return f"job:{self.name}"
 
 
+class StepOrder:
+    """The sending side of exactly-once training steps, per (table, client_id); one thread only.
+
+    failed[key]  the oldest step that failed and has not been re-sent successfully. Later steps
+                 are refused unsent: a server applies a client's steps in order only (a seq at or
+                 below the last applied is a retry), so a later step applied first would turn the
+                 failed step's re-send into a no-op.
+    acked[key]   the highest step acknowledged: a step at or below it is a re-send.
+    """
+
+    def __init__(self) -> None:
+        self.failed: dict[tuple[str, str], int] = {}
+        self.acked: dict[tuple[str, str], int] = {}
+
+    def check(self, key: tuple[str, str], step: int, where: str) -> bool:
+        """Refuse `step` while an earlier one is failed; returns whether this is its first send."""
+        failed = self.failed.get(key)
+        if failed is not None and step > failed:
+            raise FailedPrecondition(
+                f"step {step} of table {key[0]!r} not sent to {where}: step {failed} failed there and has "
+                "not been re-sent; re-send it first (or restore a checkpoint)")
+        return failed is None and step > self.acked.get(key, -1)
+
+    def record(self, key: tuple[str, str], step: int, ok: bool) -> None:
+        failed = self.failed.get(key)
+        if not ok:
+            self.failed[key] = step if failed is None else min(failed, step)
+            return
+        if failed == step:
+            del self.failed[key]
+        self.acked[key] = max(step, self.acked.get(key, -1))
+
+    def forget(self, table: str) -> None:
+        """The table was restored: its steps are numbered from the checkpoint again."""
+        for memory in (self.failed, self.acked):
+            for key in [k for k in memory if k[0] == table]:
+                del memory[key]
+
+
 @dataclass(frozen=True)
 class TableInfo:
     spec: TableSpec            # num_rows is the global table size; shard fields say which shard answered
@@ -148,14 +187,8 @@ class MemStoreClient:
         self._seqs: dict[str, Iterator[int]] = {}
         self._row_format: dict[str, tuple[int, np.dtype]] = {}  # table → (dim, storage dtype), learnt
         self._seq_lock = threading.Lock()
-        # Step-numbered updates (touched only on the sender thread):
-        # (table, client_id) → the oldest step that failed and has not been re-sent successfully.
-        # Later steps of that pair are refused unsent: the server applies a client's steps in
-        # order only, so a later step applied before the failed one would make its re-send a no-op.
-        self._failed_step: dict[tuple[str, str], int] = {}
+        self._step_order = StepOrder()  # step-numbered updates: touched only on the sender thread
         self._step_tables: set[str] = set()  # tables this client's own id updates by step
-        # (table, client_id) → the highest step acknowledged here: a step at or below it is a re-send.
-        self._acked_step: dict[tuple[str, str], int] = {}
 
     # ---- tables -------------------------------------------------------------------------------
 
@@ -181,9 +214,13 @@ class MemStoreClient:
         again while the table is unchanged returns the existing one)."""
         return list(self._call(self._stub.Snapshot, pb.SnapshotRequest(table=name, tag=tag)).paths)
 
-    def restore(self, name: str, tag: str) -> str:
-        """Roll table `name` back to its checkpoint `tag` (rows, optimizer state, exactly-once memory)."""
-        return self._call(self._stub.Restore, pb.RestoreRequest(table=name, tag=tag)).path
+    def restore(self, name: str, tag: str, *, job: Job | None = None) -> str:
+        """Roll table `name` back to its checkpoint `tag` (rows, optimizer state, exactly-once memory).
+        `job`: this rank restarts its data-parallel job from there (what it sent before is withdrawn)."""
+        request = pb.RestoreRequest(table=name, tag=tag, job=job.client_id if job else "", rank=job.rank if job else 0)
+        path = self._call(self._stub.Restore, request).path
+        self._update_sender.submit(self._step_order.forget, name).result()  # steps start over
+        return path
 
     def stats(self) -> pb.StatsResponse:
         return self._call(self._stub.Stats, pb.StatsRequest())
@@ -278,8 +315,8 @@ class MemStoreClient:
         for start in range(0, len(ids), self.max_ids_per_call):  # disjoint ids: one step per row still
             part = slice(start, start + self.max_ids_per_call)
             seq = self._next_seq(name)  # retries resend this seq: the server applies it once
-            header = {"client_id": self.client_id, "seq": seq, "lr": lr or 0.0}
-            applied &= self._retry(partial(self._stream_update, name, header, ids[part], grads[part]))
+            header = {"client_id": self.client_id, "seq": seq, "lr": lr}
+            applied &= self._retry(partial(self._stream_update, name, header, ids[part], grads[part])).applied
         return applied
 
     def _send_step(self, name: str, ids: np.ndarray, grads: np.ndarray, step: int, job: Job | None,
@@ -291,17 +328,13 @@ class MemStoreClient:
                 raise ValueError(f"this client sent updates without step= to table {name!r}; step-numbered "
                                  "ones would break their exactly-once order (use another client)")
             self._step_tables.add(name)
-        failed = self._failed_step.get((name, client_id))
-        if failed is not None and step > failed:
-            raise FailedPrecondition(
-                f"step {step} of table {name!r} not sent to {self.target}: step {failed} failed there and has "
-                "not been re-sent; re-send it first (or restore a checkpoint)")
-        header = {"client_id": client_id, "seq": step + 1, "lr": lr or 0.0}
+        key = (name, client_id)
+        first_send = self._step_order.check(key, step, self.target)
+        header = {"client_id": client_id, "seq": step + 1, "lr": lr}
         timeout = self.timeout_s
         if job is not None and job.world_size > 1:
             header.update(rank=job.rank, world_size=job.world_size, step_timeout_ms=int(job.step_timeout_s * 1e3))
             timeout += job.step_timeout_s  # the server answers when every rank has sent (or the step is dropped)
-        key = (name, client_id)
         attempts = 0
 
         def attempt() -> bool:
@@ -309,22 +342,32 @@ class MemStoreClient:
             attempts += 1
             return self._stream_update(name, header, ids, grads, timeout)
         try:
-            applied = self._retry(attempt)
-            if not applied and attempts == 1 and failed is None and step > self._acked_step.get(key, -1):
-                raise FailedPrecondition(
-                    f"step {step} of table {name!r} was already applied on {self.target} before this client sent it: "
-                    f"an earlier run used the same {'job name ' + repr(job.name) if job else 'client_id'}. "
-                    "Resume that run with restore_tables(), or start a new one under a new name")
+            response = self._retry(attempt)
+            self._check_continuity(key, step, response, first_send and attempts == 1, job)
         except BaseException:
-            self._failed_step[key] = min(step, failed if failed is not None else step)
+            self._step_order.record(key, step, ok=False)
             raise
-        if failed == step:
-            del self._failed_step[key]
-        self._acked_step[key] = max(step, self._acked_step.get(key, -1))
-        return applied
+        self._step_order.record(key, step, ok=True)
+        return response.applied
+
+    def _check_continuity(self, key: tuple[str, str], step: int, response: pb.UpdateResponse, first_try: bool,
+                          job: Job | None) -> None:
+        """Refuse to train on when the server's memory of this client's steps disagrees with ours."""
+        name, who = key[0], f"job name {job.name!r}" if job else "client_id"
+        if not response.applied and first_try:
+            raise FailedPrecondition(
+                f"step {step} of table {name!r} was already applied on {self.target} before this client sent it: "
+                f"an earlier run used the same {who}, or another process uses it now (ranks without rank= and "
+                "world_size=?). Resume that run with restore_tables(), or start a new one under a new name")
+        acked = self._step_order.acked.get(key)
+        if response.applied and acked is not None and response.previous_seq < acked + 1:
+            raise FailedPrecondition(
+                f"{self.target} lost steps of table {name!r} that it had acknowledged: it remembers step "
+                f"{int(response.previous_seq) - 1}, this client had step {acked} applied there (a RAM server "
+                "restarted from an older snapshot?). Restore the job from its last checkpoint (restore_tables)")
 
     def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,
-                       timeout: float | None = None) -> bool:
+                       timeout: float | None = None) -> pb.UpdateResponse:
         rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
 
         id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
@@ -337,7 +380,7 @@ class MemStoreClient:
                 yield encode_update_chunk(id_bytes[start * 8:stop * 8],
                                           grad_bytes[start * grad_row:stop * grad_row], **first)
         try:
-            return self._update_raw(chunks(), timeout=timeout or self.timeout_s, metadata=self._metadata).applied
+            return self._update_raw(chunks(), timeout=timeout or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
 

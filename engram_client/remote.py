@@ -33,6 +33,7 @@ it (sync: the next step; async: the one after), at the next push, and at `flush(
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -140,11 +141,14 @@ class RemoteTables(TableSource):
         try:
             info = self.store.create_table(self.name, self.num_rows, self.dim, if_not_exists=True, **self.table_kwargs)
         except Exception as exc:
-            if getattr(exc, "code", None) is not None and exc.code.name == "ALREADY_EXISTS":
+            code = getattr(getattr(exc, "code", None), "name", None)
+            if code == "ALREADY_EXISTS":
                 raise FailedPrecondition(
                     f"memstore table {self.name!r} exists but does not match this Engram layer "
                     f"({self.num_rows} rows x {self.dim}, {self.table_kwargs}): {exc}") from None
-            raise
+            if code != "PERMISSION_DENIED":
+                raise
+            info = self.store.describe_table(self.name)  # a read-only replica: attach to what it has
         spec = info.spec
         if (spec.num_rows, spec.dim, spec.dtype) != (self.num_rows, self.dim, self.table_kwargs["dtype"]):
             raise FailedPrecondition(f"table {self.name!r} is {spec.num_rows} x {spec.dim} {spec.dtype}, "
@@ -307,8 +311,9 @@ class RemoteTables(TableSource):
         grads = np.concatenate([p[1] for p in parts])  # duplicates across micro-batches: summed by the store
         if self.cache is not None:
             self.cache.invalidate(torch.from_numpy(ids))  # rows about to change
+        lr = self.lr  # the step's own lr, for its first send and any re-send
         self.steps.push(np.unique(ids), lambda step: self.store.update_async(
-            self.name, ids, grads, step=step, job=self.job, lr=self.lr))
+            self.name, ids, grads, step=step, job=self.job, lr=lr))
 
     def flush(self) -> None:
         """Wait until every step pushed so far is applied; raises `StepFailed` for one that failed
@@ -336,8 +341,10 @@ class RemoteTables(TableSource):
 
 
 def _tag_safe(name: str) -> str:
-    """A job name as a checkpoint tag: [A-Za-z0-9_.-], at most 100 characters."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "-", name).lstrip("-._")[:100] or "job"
+    """A job name as a checkpoint tag: [A-Za-z0-9_.-], no "..", at most 100 characters, and a
+    short hash of the name itself, so "exp/1" and "exp:1" never share checkpoints."""
+    readable = re.sub(r"[^A-Za-z0-9_\-]", "-", name).lstrip("-_")[:80] or "job"
+    return f"{readable}-{hashlib.blake2b(name.encode(), digest_size=4).hexdigest()}"
 
 
 _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one side stream per GPU for row copies

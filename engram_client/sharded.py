@@ -70,9 +70,9 @@ class ShardedClient:
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
         return [p for paths in self._pool.map(lambda c: c.snapshot(name, tag=tag), self.shards) for p in paths]
 
-    def restore(self, name: str, tag: str) -> list[str]:
+    def restore(self, name: str, tag: str, *, job: Job | None = None) -> list[str]:
         """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND if a shard lacks it."""
-        return list(self._pool.map(lambda c: c.restore(name, tag), self.shards))
+        return list(self._pool.map(lambda c: c.restore(name, tag, job=job), self.shards))
 
     def _merge(self, infos: list[TableInfo]) -> TableInfo:
         """One view of a table from its shards, after checking each shard is where we think."""

@@ -99,6 +99,7 @@ def main() -> None:
         state = torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=True)
         model.load_state_dict(state["model"])
         dense.load_state_dict(state["dense"])
+        table_lr.load_state_dict(state["table_lr"])  # the tables' lr at the checkpoint's step
         for scheduler, saved in zip(schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         restore_tables(model, state["tables"])      # every shard back to that step
@@ -117,10 +118,11 @@ def main() -> None:
         if (step + 1) % args.checkpoint_every == 0:
             record = checkpoint_tables(model)       # every rank calls it; one copy per table
             torch.save({"model": model.state_dict(), "dense": dense.state_dict(), "tables": record,
-                        "schedulers": [s.state_dict() for s in schedulers]}, ckpt_dir / f"rank{rank}.pt")
+                        "table_lr": table_lr.state_dict(), "schedulers": [s.state_dict() for s in schedulers]},
+                       ckpt_dir / f"rank{rank}.pt")
     tables.flush()
     if rank == 0:
-        print(f"done: {tables.step} steps, final loss {loss.item():.4f}", flush=True)
+        print(f"done: {tables.step} steps", flush=True)
     client.close()
     dist.destroy_process_group()
 

@@ -103,7 +103,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         self.backend_name = backend_name
         self.metrics = metrics
         self.lookup_delay_s = lookup_delay_s  # testing only (fault_lookup_delay_ms)
-        self.steps = StepBarrier(store, self._run, max_timeout_s=max_step_timeout_s)
+        self.steps = StepBarrier(store, self._run, max_timeout_s=max_step_timeout_s,
+                                 max_held_bytes=4 * store.max_request_bytes)
         self.admission = admission  # the concurrency limit: a share waiting for other ranks leaves it
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
@@ -134,6 +135,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         path, changed = await self._run(self.store.restore, request.table, request.tag)
         if changed:  # another rank's restore of the same checkpoint must not abandon steps already sent
             self.steps.forget_table(request.table, f"the table was restored to checkpoint {request.tag!r}")
+        if request.job:
+            self.steps.restarted(request.table, request.job, request.rank)
         return pb.RestoreResponse(path=path)
 
     async def Stats(self, request, context) -> pb.StatsResponse:
@@ -177,21 +180,20 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         if raw is None:
             raise InvalidArgument("Update: empty stream (the first chunk must carry table, total_rows, ...)")
         first = _update_chunk(raw)
-        lr = first.lr or None  # 0 (unset on the wire): the table's own lr
+        lr = first.lr  # None (unset): the table's own lr
         self.store.check_update_header(first.table, first.client_id, first.seq, lr)
         spec = self.store.check_update_size(first.table, first.total_rows, first.client_id)
         ids, grads = await self._receive_update(first, request_iterator, spec.dim)
         if first.world_size > 1:  # a data-parallel step: wait for every rank (memstore.steps)
             with self.admission.waiting() if self.admission else contextlib.nullcontext():
-                applied, rows = await self.steps.contribute(
+                result = await self.steps.contribute(
                     first.table, first.client_id, first.seq, first.rank, first.world_size, lr,
                     first.step_timeout_ms / 1e3, ids, grads)
         else:
-            applied, rows = await self._run(self.store.update, first.table, ids, grads, first.client_id,
-                                            first.seq, lr)
+            result = await self._run(self.store.update, first.table, ids, grads, first.client_id, first.seq, lr)
         self.metrics.rows.labels("Update", first.table).inc(len(ids))
         self.metrics.bytes.labels("Update", first.table).inc(ids.nbytes + grads.nbytes)
-        return pb.UpdateResponse(applied=applied, rows=rows)
+        return pb.UpdateResponse(applied=result.applied, rows=result.rows, previous_seq=result.previous_seq)
 
     async def _receive_update(self, first: UpdateChunk, rest, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy the streamed chunks into buffers sized by the header, refusing any overflow."""

@@ -11,11 +11,12 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from memstore.backends.base import Backend, Table
-from memstore.errors import AlreadyExists, InvalidArgument, PermissionDenied, ResourceExhausted
+from memstore.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from memstore.spec import TableSpec
 
 ID_DTYPE = np.dtype("<i8")
@@ -35,6 +36,12 @@ class TableCounters:
     updates: int = 0
     update_rows: int = 0
     duplicate_updates: int = 0
+
+
+class UpdateResult(NamedTuple):
+    applied: bool       # False: a retried delivery, acknowledged and not applied again
+    rows: int           # unique rows touched
+    previous_seq: int   # when applied: the client's last seq before this one (0: none)
 
 
 @dataclass(frozen=True)
@@ -152,12 +159,34 @@ class Store:
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows [n, dim] (storage dtype) for global row ids (int64 [n]), in request order."""
         table, local_ids = self._checked_lookup(name, ids)
-        return table.lookup(local_ids)
+        try:
+            return table.lookup(local_ids)
+        except NotFound:
+            return self._replacement(name, table).lookup(local_ids)
 
     def lookup_blocks(self, name: str, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
         """`lookup` as consecutive blocks of rows; the whole request is validated first."""
-        table, local_ids = self._checked_lookup(name, ids)
-        return table.lookup_blocks(local_ids, rows_per_block)
+        table, local_ids = self._checked_lookup(name, ids)  # before returning: errors come at once
+        return self._blocks(name, table, local_ids, rows_per_block)
+
+    def _blocks(self, name: str, table: Table, local_ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
+        blocks = table.lookup_blocks(local_ids, rows_per_block)
+        try:
+            first = next(blocks, None)
+        except NotFound:
+            blocks = self._replacement(name, table).lookup_blocks(local_ids, rows_per_block)
+            first = next(blocks, None)
+        if first is not None:
+            yield first
+            yield from blocks
+
+    def _replacement(self, name: str, closed: Table) -> Table:
+        """The table now serving `name` when a checkpoint restore swapped out `closed` under a
+        lookup; NotFound again when the name is really gone (dropped)."""
+        table = self.backend.get(name)
+        if table is closed:
+            raise NotFound(f"table {name!r} was dropped")
+        return table
 
     def _checked_lookup(self, name: str, ids: np.ndarray) -> tuple[Table, np.ndarray]:
         table = self.backend.get(name)
@@ -169,18 +198,19 @@ class Store:
         return table, local_ids
 
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
-               lr: float | None = None) -> tuple[bool, int]:
-        """Apply one optimizer step; returns (applied, unique rows). `grads` float32 [n, dim];
-        `lr` this step's learning rate (None: the table's)."""
+               lr: float | None = None) -> UpdateResult:
+        """Apply one optimizer step. `grads` float32 [n, dim]; `lr` this step's learning rate
+        (None: the table's)."""
         table = self.check_update_header(name, client_id, seq, lr)
         local_ids = self._checked_update_rows(table, ids, grads)
+        previous_seq = (table.last_seq(client_id) or 0) if client_id else 0  # one sender per client
         unique_ids, summed = sum_duplicates(local_ids, grads)
         applied = table.apply_update(unique_ids, np.ascontiguousarray(summed), client_id, seq, lr)
         counters = self._counter(name)
         counters.updates += int(applied)
         counters.update_rows += len(unique_ids) if applied else 0
         counters.duplicate_updates += int(not applied)
-        return applied, len(unique_ids)
+        return UpdateResult(applied, len(unique_ids), previous_seq)
 
     def validate_update(self, name: str, ids: np.ndarray, grads: np.ndarray) -> None:
         """The checks `update` makes of its rows, without applying anything."""

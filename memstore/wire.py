@@ -30,14 +30,16 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def encode(fields: list[tuple[int, int | float | str | bytes | memoryview]]) -> bytes:
+def encode(fields: list[tuple[int, int | float | str | bytes | memoryview | None]]) -> bytes:
     """Serialise (field number, value) pairs: ints as varints, floats as doubles, the rest
-    length-delimited. Zeros and empty payloads are left out, as proto3 does."""
+    length-delimited. Zero ints and empty payloads are left out, as proto3 does; None is an
+    unset field, and a float is always written (our only double is `optional`: 0.0 is a value)."""
     parts: list[bytes | memoryview] = []
     for number, value in fields:
+        if value is None:
+            continue
         if isinstance(value, float):
-            if value:
-                parts += [_varint(number << 3 | _I64), _DOUBLE.pack(value)]
+            parts += [_varint(number << 3 | _I64), _DOUBLE.pack(value)]
         elif isinstance(value, int):
             if value:
                 parts += [_varint(number << 3 | _VARINT), _varint(value)]
@@ -122,14 +124,14 @@ class UpdateChunk:
     rank: int = 0
     world_size: int = 0
     step_timeout_ms: int = 0
-    lr: float = 0.0
+    lr: float | None = None  # None: unset, the table's lr
 
 
 def encode_update_chunk(ids: memoryview | bytes, grads: memoryview | bytes, *, table: str = "",
                         client_id: str = "", seq: int = 0, total_rows: int = 0, rank: int = 0,
-                        world_size: int = 0, step_timeout_ms: int = 0, lr: float = 0.0) -> bytes:
+                        world_size: int = 0, step_timeout_ms: int = 0, lr: float | None = None) -> bytes:
     return encode([(1, table), (2, client_id), (3, seq), (4, total_rows), (5, ids), (6, grads),
-                   (7, rank), (8, world_size), (9, step_timeout_ms), (10, float(lr))])
+                   (7, rank), (8, world_size), (9, step_timeout_ms), (10, None if lr is None else float(lr))])
 
 
 def decode_update_chunk(data: bytes) -> UpdateChunk:
@@ -138,8 +140,8 @@ def decode_update_chunk(data: bytes) -> UpdateChunk:
         table, client_id = bytes(_bytes(f, 1)).decode(), bytes(_bytes(f, 2)).decode()
     except UnicodeDecodeError as exc:
         raise WireError(f"UpdateChunk: table or client_id is not UTF-8 ({exc})") from None
-    lr = f.get(10, 0.0)
-    if not isinstance(lr, float):
+    lr = f.get(10)
+    if lr is not None and not isinstance(lr, float):
         raise WireError("field 10 (lr) should be a double")
     return UpdateChunk(table, client_id, _int(f, 3), _int(f, 4), _bytes(f, 5), _bytes(f, 6),
                        _int(f, 7, _UINT32_MAX), _int(f, 8, _UINT32_MAX), _int(f, 9, _UINT32_MAX), lr)
@@ -156,6 +158,6 @@ def _int(fields: dict, number: int, limit: int = _UINT64_MAX) -> int:
 
 def _bytes(fields: dict, number: int) -> memoryview:
     value = fields.get(number, memoryview(b""))
-    if isinstance(value, int):
+    if not isinstance(value, memoryview):
         raise WireError(f"field {number} should be length-delimited")
     return value

@@ -524,3 +524,59 @@ def test_lmdb_restore_killed_midway_is_never_opened_as_complete(tmp_path: Path) 
     np.testing.assert_array_equal(table.lookup(np.arange(1000, dtype=np.int64)), expected)
     assert not table.apply_update(np.array([1]), np.ones((1, 6), np.float32), "trainer-1", 3)  # dedup too
     backend.close()
+
+
+def _lmdb_with_checkpoint(tmp_path):
+    from memstore.backends.lmdbstore import LmdbBackend
+    backend = LmdbBackend(tmp_path, sync=False)
+    table = backend.create_table(TableSpec("t", 8, 2, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd", 1.0)))
+    table.apply_update(np.array([1]), np.ones((1, 2), np.float32), "c", 1)
+    backend.checkpoint_table("t", "a")                                        # row 1 = -1
+    backend.get("t").apply_update(np.array([1]), np.ones((1, 2), np.float32), "c", 2)  # row 1 = -2
+    return backend
+
+
+@pytest.mark.parametrize("crash_after", ["old moved away", "load only"])
+def test_lmdb_restore_interrupted_by_a_crash_never_loses_the_table(tmp_path, crash_after):
+    """The two directory renames of a checkpoint restore, cut short as a crash would."""
+    import os
+    import uuid
+
+    from memstore.backends.lmdbstore import LmdbBackend
+    from memstore.snapshot import read_snapshot
+    backend = _lmdb_with_checkpoint(tmp_path)
+    tables = tmp_path / "tables"
+    temp = backend._load_temp(read_snapshot(backend._checkpoints().find("t", "a")))
+    backend.close()
+    if crash_after == "old moved away":  # the ready copy is there, the live table is not
+        os.rename(temp, tables / f".restore-ready-t-{uuid.uuid4().hex[:8]}")
+        os.rename(tables / "t", tables / f".restore-old-t-{uuid.uuid4().hex[:8]}")
+    backend = LmdbBackend(tmp_path)
+    expected = -1.0 if crash_after == "old moved away" else -2.0
+    assert backend.get("t").lookup(np.array([1]))[0, 0] == expected
+    assert [p.name for p in tables.iterdir()] == ["t"]
+    backend.close()
+
+
+def test_lmdb_lookups_racing_a_restore_always_find_the_table(tmp_path):
+    from memstore.store import Store
+    backend = _lmdb_with_checkpoint(tmp_path)
+    store = Store(backend)
+    errors, stop = [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                store.lookup("t", np.array([1, 2]))
+                list(store.lookup_blocks("t", np.array([1, 2]), 1))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(10):
+        store.restore("t", "a")
+        backend.get("t").apply_update(np.array([2]), np.ones((1, 2), np.float32), "", 0)  # not at the checkpoint now
+    stop.set()
+    reader.join()
+    backend.close()
+    assert errors == []

@@ -62,8 +62,8 @@ def test_a_complete_step_is_applied_once_with_the_mean(store):
         again = await asyncio.gather(contribute(barrier, 0), contribute(barrier, 1))  # retried deliveries
         return first, again
     first, again = with_barrier(store, body)
-    assert [applied for applied, _ in first] == [True, True]
-    assert [applied for applied, _ in again] == [False, False]           # invariant 1 and 4
+    assert [result.applied for result in first] == [True, True]
+    assert [result.applied for result in again] == [False, False]        # invariant 1 and 4
     np.testing.assert_array_equal(store.lookup("t", np.arange(3))[:, 0], [-0.5, -2.0, -1.5])
 
 
@@ -90,7 +90,7 @@ def test_a_retry_while_the_step_is_applied_gets_its_result(store):
         retry = await contribute(barrier, 0)
         return await asyncio.gather(*tasks), retry
     results, retry = with_barrier(store, body)
-    assert results == [(True, 1), (True, 1)] and retry[0] is False           # invariant 4
+    assert [r[:2] for r in results] == [(True, 1), (True, 1)] and retry[0] is False  # invariant 4
     assert store.lookup("t", np.array([0]))[0, 0] == -1.0
 
 
@@ -104,6 +104,31 @@ def test_open_steps_are_bounded(store):
     with_barrier(store, body, max_open_steps=2)                             # invariant 5
 
 
+def test_held_shares_are_bounded_in_bytes(store):
+    async def body(barrier):
+        waiting = asyncio.ensure_future(contribute(barrier, 0, ids=range(4), timeout_s=0.3))
+        await asyncio.sleep(0.05)
+        assert barrier._held_bytes == 64                                    # 4 ids + 4 x 2 float32
+        with pytest.raises(ResourceExhausted, match="limit"):
+            await contribute(barrier, 0, seq=2, ids=range(4), timeout_s=0.3)
+        with pytest.raises(Aborted):
+            await waiting
+        assert barrier._held_bytes == 0
+    with_barrier(store, body, max_held_bytes=100)  # room for one share of 4 rows, not two   # invariant 5
+
+
+def test_a_restarted_rank_withdraws_its_old_share(store):
+    async def body(barrier):
+        old = asyncio.ensure_future(contribute(barrier, 0, value=100.0))  # rank 0 before it crashed
+        await asyncio.sleep(0.05)
+        barrier.restarted("t", "job", 0)                                   # invariant 6
+        with pytest.raises(Aborted, match="restarted"):
+            await old
+        return await asyncio.gather(contribute(barrier, 0, value=1.0), contribute(barrier, 1, value=3.0))
+    with_barrier(store, body)
+    assert store.lookup("t", np.array([0]))[0, 0] == -2.0  # the mean of the new shares only
+
+
 def test_ranks_must_agree(store):
     async def body(barrier):
         first = asyncio.ensure_future(contribute(barrier, 0, timeout_s=0.3))
@@ -112,8 +137,8 @@ def test_ranks_must_agree(store):
             await contribute(barrier, 1, lr=0.5, timeout_s=0.3)
         with pytest.raises(InvalidArgument, match="outside"):
             await contribute(barrier, 2, timeout_s=0.3)
-        with pytest.raises(Aborted):
-            await first
+        with pytest.raises(Aborted, match="rank 1's share was refused"):  # at once, not after the timeout
+            await asyncio.wait_for(first, 0.1)
     with_barrier(store, body)
 
 
@@ -124,8 +149,8 @@ def test_a_bad_contribution_is_refused_and_the_step_is_dropped(store):
         ids, grads = part([1], np.nan)
         with pytest.raises(InvalidArgument, match="NaN"):
             await barrier.contribute("t", "job", 1, 1, 2, None, 0.3, ids, grads)
-        with pytest.raises(Aborted):
-            await first
+        with pytest.raises(Aborted, match="rank 1's share was refused"):
+            await asyncio.wait_for(first, 0.1)
     with_barrier(store, body)
     np.testing.assert_array_equal(store.lookup("t", np.arange(2)), np.zeros((2, DIM)))
 

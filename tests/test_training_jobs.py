@@ -280,3 +280,52 @@ def test_a_new_run_reusing_a_job_name_fails_loudly(tmp_path):
         with ShardedClient(client.targets) as again, \
                 pytest.raises(FailedPrecondition, match="earlier run used the same job name 'j'"):
             again.update("t", [0, 1], np.ones((2, 2)), step=0, job=Job("j"))
+
+
+# ---- review findings ------------------------------------------------------------------------
+
+def test_lr_zero_means_zero_not_the_tables_lr(tmp_path):
+    with memstore_cluster(tmp_path, 1) as client:
+        client.create_table("t", 4, 2, init="zeros", optimizer="sgd", lr=1.0)
+        client.update("t", [0], np.ones((1, 2)), step=0, lr=0.0)
+        client.update("t", [1], np.ones((1, 2)), step=1)
+        np.testing.assert_array_equal(client.lookup("t", [0, 1])[:, 0], [0.0, -1.0])
+
+
+def test_table_lr_state_survives_load_state_dict():
+    model = TinyLM(lambda rows, dim: HostTables(rows, dim, optimizer="sgd", lr=0.1))
+    table_lr = TableLR(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(table_lr, lambda s: 0.5 ** s)
+    for _ in range(3):
+        table_lr.step()
+        scheduler.step()
+    saved = table_lr.state_dict()
+    resumed = TableLR(TinyLM(lambda rows, dim: HostTables(rows, dim, optimizer="sgd", lr=0.1)))
+    resumed.load_state_dict(saved)
+    assert resumed.sources[0].lr == pytest.approx(0.0125)
+    resumed.param_groups[0]["lr"] = 0.5  # what a scheduler does next reaches the table
+    assert resumed.sources[0].lr == 0.5
+
+
+def test_job_names_make_distinct_valid_tags():
+    from engram_client.remote import _tag_safe
+    from memstore.checkpoints import check_tag
+    tags = {_tag_safe(name) for name in ("v1..final", "exp/1", "exp:1", "-x", "")}
+    assert len(tags) == 5
+    for tag in tags:
+        check_tag(tag + ".step0")
+
+
+@pytest.mark.subprocess
+def test_steps_lost_by_a_ram_restart_raise(tmp_path):
+    """A RAM daemon killed before it snapshotted comes back without the steps it acknowledged:
+    the trainer must hear it at its next step, not train on a table that went back in time."""
+    with ServeProcess(tmp_path / "d", "ram") as daemon, ShardedClient([daemon.target], retry_timeout_s=30) as client:
+        model = remote_model(client, "sgd")
+        run_steps(model, batches()[:3], torch.optim.SGD(dense_params(model), lr=0.1))
+        model.engram.tables.flush()
+        daemon.kill()
+        daemon.restart()
+        with pytest.raises(StepFailed, match="lost steps"):
+            run_steps(model, batches()[3:6], torch.optim.SGD(dense_params(model), lr=0.1))
+            model.engram.tables.flush()

@@ -21,6 +21,7 @@ or after it). A table dropped or closed raises `NotFound`.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -147,10 +148,14 @@ class Backend(ABC):
         changed): a no-op when the table is exactly that checkpoint already."""
         return self._checkpoints().restore(self.get(name), tag, self._replace_from)
 
+    _checkpoint_book: Checkpoints | None = None
+    _checkpoint_book_lock = threading.Lock()  # two ranks' first checkpoints must share one book
+
     def _checkpoints(self) -> Checkpoints:
-        if getattr(self, "_checkpoint_book", None) is None:
-            self._checkpoint_book = Checkpoints(self.data_dir, self.keep_checkpoints)
-        return self._checkpoint_book
+        with self._checkpoint_book_lock:
+            if self._checkpoint_book is None:
+                self._checkpoint_book = Checkpoints(self.data_dir, self.keep_checkpoints)
+            return self._checkpoint_book
 
     @abstractmethod
     def _replace_from(self, snapshot: Snapshot) -> Table:

@@ -60,6 +60,8 @@ log = logging.getLogger("memstore.backends.lmdb")
 
 TABLES_DIR = "tables"
 _RESTORE_PREFIX = ".restore-"  # tables/.restore-<name>-<id>: a restore in progress (names start alnum)
+_READY = f"{_RESTORE_PREFIX}ready-"  # loaded and synced: to be installed by a checkpoint restore
+_OLD = f"{_RESTORE_PREFIX}old-"      # the table a checkpoint restore is replacing
 
 
 
@@ -89,13 +91,11 @@ class LmdbBackend(Backend):
             raise
 
     def _open_tables(self) -> None:
-        (self.data_dir / TABLES_DIR).mkdir(parents=True, exist_ok=True)
-        for path in sorted((self.data_dir / TABLES_DIR).iterdir()):
-            if path.name.startswith(_RESTORE_PREFIX):
-                log.warning("removing %s: a restore that never completed", path)
-                shutil.rmtree(path)
-            else:
-                self._reopen(path)
+        tables_dir = self.data_dir / TABLES_DIR
+        tables_dir.mkdir(parents=True, exist_ok=True)
+        self._recover_restores(tables_dir)
+        for path in sorted(tables_dir.iterdir()):
+            self._reopen(path)
         for snapshots_dir in sorted((self.data_dir / SNAPSHOTS_DIR).glob("*")):
             if snapshots_dir.name not in self._tables:  # a restored backup, or a RAM data dir
                 self._restore(snapshots_dir)
@@ -137,20 +137,39 @@ class LmdbBackend(Backend):
             return self._tables[name]
 
     def _replace_from(self, snapshot: Snapshot) -> Table:
-        """Load the snapshot beside the live table, then swap directories: a crash leaves the
-        old table or the new one (or, between the two renames, none: the next start rebuilds it
-        from its newest automatic snapshot)."""
+        """Load the snapshot beside the live table, mark it ready, then swap directories and the
+        open table in one step: lookups never find the table missing (one already running
+        finishes on the old environment). A crash at any point leaves a state the next start
+        completes (`_recover_restores`): the ready copy goes in, or the old table comes back."""
         name = snapshot.spec.name
-        temp = self._load_temp(snapshot)  # the slow part, outside the admin lock
+        tables_dir = self.data_dir / TABLES_DIR
+        ready = tables_dir / f"{_READY}{name}-{uuid.uuid4().hex[:8]}"
+        os.rename(self._load_temp(snapshot), ready)  # the slow part, outside the admin lock
+        fsync_dir(tables_dir)
         with self._admin:
             old = self.get(name)
-            del self._tables[name]
-            old.close()  # waits for the writer and open transactions
-            trash = old.path.with_name(f"{_RESTORE_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}")
-            os.rename(old.path, trash)  # removed at the next start if we crash before the rmtree
-            self._install(temp, name)
-            shutil.rmtree(trash, ignore_errors=True)
-            return self._tables[name]
+            trash = tables_dir / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(old.path, trash)  # still open: an environment's files move with their directory
+            os.rename(ready, tables_dir / name)
+            fsync_dir(tables_dir)
+            self._reopen(tables_dir / name)  # replaces the entry of `name`: one dict assignment
+        old.close()  # waits for the transactions still running on it
+        shutil.rmtree(trash, ignore_errors=True)
+        return self._tables[name]
+
+    def _recover_restores(self, tables_dir: Path) -> None:
+        """Finish what a crash interrupted: a ready restore whose table directory is missing is
+        installed; otherwise the table it was replacing is put back; other temp dirs go."""
+        for prefix in (_READY, _OLD):  # a ready copy is the newer state: it wins
+            for path in sorted(tables_dir.glob(f"{prefix}*")):
+                name = path.name[len(prefix):].rsplit("-", 1)[0]
+                if not (tables_dir / name).exists():
+                    log.warning("completing an interrupted restore of table %r from %s", name, path)
+                    os.rename(path, tables_dir / name)
+        for path in sorted(tables_dir.glob(f"{_RESTORE_PREFIX}*")):
+            log.warning("removing %s: a restore that never completed", path)
+            shutil.rmtree(path)
+        fsync_dir(tables_dir)
 
     def _load_temp(self, snapshot: Snapshot) -> Path:
         """Load `snapshot` into `tables/.restore-<name>-<id>/` with unsynced commits, fsynced
@@ -211,7 +230,7 @@ class LmdbBackend(Backend):
             with self._snapshot_locks.setdefault(name, threading.Lock()):
                 shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
             shutil.rmtree(table.path, ignore_errors=True)
-            self._checkpoints().forget(name)
+        self._checkpoints().forget(name)  # after the admin lock: a restore takes the two the other way round
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)

@@ -354,7 +354,7 @@ class RamBackend(Backend):
                 del self._tables[name]
                 table.release()
             shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
-            self._checkpoints().forget(name)
+        self._checkpoints().forget(name)  # after the admin lock: a restore takes the two the other way round
 
     def _replace_from(self, snapshot: Snapshot) -> Table:
         """In place (no second copy of the table in memory), then a snapshot: a restart after

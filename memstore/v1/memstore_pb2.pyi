@@ -158,12 +158,14 @@ class UpdateChunk(_message.Message):
     def __init__(self, table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step_timeout_ms: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
-    __slots__ = ("applied", "rows")
+    __slots__ = ("applied", "rows", "previous_seq")
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SEQ_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     rows: int
-    def __init__(self, applied: _Optional[bool] = ..., rows: _Optional[int] = ...) -> None: ...
+    previous_seq: int
+    def __init__(self, applied: _Optional[bool] = ..., rows: _Optional[int] = ..., previous_seq: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ("table", "tag")
@@ -180,12 +182,16 @@ class SnapshotResponse(_message.Message):
     def __init__(self, paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("table", "tag")
+    __slots__ = ("table", "tag", "job", "rank")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     table: str
     tag: str
-    def __init__(self, table: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    job: str
+    rank: int
+    def __init__(self, table: _Optional[str] = ..., tag: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class RestoreResponse(_message.Message):
     __slots__ = ("path",)
