@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embed-per-ngram", type=int, default=None, help="embedding width per order (default 128)")
     g.add_argument("--table-rows", type=int, default=None, help="target rows per hash head (default 100003)")
     g.add_argument("--table-lr-mult", type=float, default=5.0, help="table lr / backbone lr (the paper: 5)")
-    g.add_argument("--table-lr-schedule", choices=("follow", "constant"), default="follow",
-                   help="table lr follows the backbone's warm-up + cosine (scaled), or stays constant")
+    g.add_argument("--table-lr-schedule", choices=("constant", "follow"), default="constant",
+                   help="table lr stays constant, or follows the backbone's warm-up + cosine (scaled)")
     g.add_argument("--tables", choices=("memstore", "local"), default="memstore",
                    help="rows on memstore (server-side Adam) or an in-model parameter (RowwiseAdam)")
     g.add_argument("--mode", choices=("sync", "async"), default="sync", help="memstore consistency")

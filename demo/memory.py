@@ -36,7 +36,7 @@ class EngramSettings:
     kernel_size: int = 4  # ShortConv kernel
     tables: str = "memstore"  # memstore | local
     table_lr: float = 1e-2  # Adam lr of the table rows: the paper's 5x the backbone's (2e-3)
-    table_lr_schedule: str = "follow"  # follow: the backbone's warm-up + cosine, scaled | constant
+    table_lr_schedule: str = "constant"  # constant | follow: the backbone's warm-up + cosine, scaled
     table_dtype: str = "float32"
     mode: str = "sync"  # memstore consistency: sync | async (rows at most one step stale)
 

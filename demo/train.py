@@ -2,9 +2,10 @@
 
 Backbone parameters train with AdamW (warm-up, then cosine decay to `min_lr_ratio * lr`). Engram
 table rows train elsewhere: on the memstore server (its row-wise Adam, driven by the gradients the
-table source ships during backward) or, for `--tables local`, with `RowwiseAdam` here. Both follow
-the backbone's schedule, scaled to the table lr (`--table-lr-schedule follow`, the default): each
-step's update carries its learning rate to the server.
+table source ships during backward) or, for `--tables local`, with `RowwiseAdam` here. With
+`--table-lr-schedule follow` both follow the backbone's schedule, scaled to the table lr: each
+step's update carries its learning rate to the server (measured worse at 300 steps, so not the
+default: see docs/demo.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Plain Adam bias-corrects with a global step, which is wrong for a table where a row may be read
 once in a thousand steps: its moments are fresh but the correction assumes they are old. Here each
-row r counts its own updates t_r, and only rows present in the gradient move:
+row r counts its own updates t_r, and only rows with a non-zero gradient move (a row read but
+given an exactly zero gradient is left alone, by this optimizer and by the server alike):
 
     m_r = b1 m_r + (1 - b1) g_r          v_r = b2 v_r + (1 - b2) g_r^2          t_r += 1
     row_r -= lr * (m_r / (1 - b1^t_r)) / (sqrt(v_r / (1 - b2^t_r)) + eps)
@@ -21,8 +22,8 @@ import torch
 class RowwiseAdam(torch.optim.Optimizer):
     """Lazy, per-row bias-corrected Adam over dim 0 of each parameter.
 
-    Works with sparse gradients (`LocalTables(sparse=True)`: exactly the looked-up rows are
-    updated) and dense ones (a row counts as present when any of its gradient entries is non-zero).
+    Works with sparse gradients (`LocalTables(sparse=True)`) and dense ones; either way a row
+    counts as present when any of its gradient entries is non-zero, as on the memstore server.
     Moments and steps are kept in float32 whatever the parameter dtype.
     """
 
@@ -78,7 +79,9 @@ def _present_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grad = grad.coalesce()  # sums duplicate rows, sorts indices
         if grad.sparse_dim() != 1:
             raise ValueError(f"RowwiseAdam needs row-sparse gradients (sparse_dim 1), got {grad.sparse_dim()}")
-        return grad.indices()[0], grad.values()
+        values = grad.values()
+        present = (values != 0).reshape(values.shape[0], -1).any(dim=1)  # (R,) read rows with a real gradient
+        return grad.indices()[0][present], values[present]
     if grad.dim() == 0:
         raise ValueError("RowwiseAdam updates rows: parameters need at least one dimension")
     rows = (grad != 0).reshape(grad.shape[0], -1).any(dim=1).nonzero().squeeze(1)  # (R,)

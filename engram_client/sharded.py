@@ -53,6 +53,9 @@ class ShardedClient:
     # ---- tables -------------------------------------------------------------------------------
 
     def create_table(self, name: str, num_rows: int, dim: int, **kwargs) -> TableInfo:
+        """Checks every server's place in the cluster first: a wrong target list creates nothing."""
+        layouts = list(self._pool.map(lambda c: c.stats(), self.shards))
+        self._check_layout([(s.shard_index, s.shard_count or 1) for s in layouts])
         infos = list(self._pool.map(lambda c: c.create_table(name, num_rows, dim, **kwargs), self.shards))
         return self._merge(infos)
 
@@ -74,14 +77,18 @@ class ShardedClient:
         """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND if a shard lacks it."""
         return list(self._pool.map(lambda c: c.restore(name, tag, job=job), self.shards))
 
-    def _merge(self, infos: list[TableInfo]) -> TableInfo:
-        """One view of a table from its shards, after checking each shard is where we think."""
-        for index, info in enumerate(infos):
-            if (info.spec.shard_index, info.spec.shard_count) != (index, self.num_shards):
+    def _check_layout(self, layouts: list[tuple[int, int]]) -> None:
+        """(shard_index, shard_count) of each target, in list order, must be (i, num_shards)."""
+        for index, (shard_index, shard_count) in enumerate(layouts):
+            if (shard_index, shard_count) != (index, self.num_shards):
                 raise FailedPrecondition(
-                    f"{self.targets[index]} is shard {info.spec.shard_index} of {info.spec.shard_count}, but this "
+                    f"{self.targets[index]} is shard {shard_index} of {shard_count}, but this "
                     f"client lists it as shard {index} of {self.num_shards}: fix the target order or the servers' "
                     "--shard-index/--shard-count")
+
+    def _merge(self, infos: list[TableInfo]) -> TableInfo:
+        """One view of a table from its shards, after checking each shard is where we think."""
+        self._check_layout([(i.spec.shard_index, i.spec.shard_count) for i in infos])
         spec = replace(infos[0].spec, shard_index=0, shard_count=1)
         return TableInfo(spec, sum(i.rows_materialized for i in infos), sum(i.bytes_used for i in infos),
                          sum(i.lookups for i in infos), sum(i.updates for i in infos))

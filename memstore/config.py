@@ -41,7 +41,7 @@ class ServerConfig:
     snapshot_interval_s: float = 0.0   # RAM backend: periodic checkpoint; 0 disables
     keep_checkpoints: int = 3          # newest tagged (training-job) checkpoints kept per table
     ram_memmap: bool = False           # RAM backend: back arrays by files in data_dir
-    ram_max_bytes: int = 0             # RAM backend: refuse creates above this many bytes; 0 = no cap
+    ram_max_bytes: int = 0             # RAM backend: dense bytes of all tables; 0 = auto (80 % of RAM/cgroup), -1 = no cap
     lmdb_sync: bool = True             # fsync each commit: acknowledged updates survive power loss
     lmdb_map_size: int = 1 << 30       # initial LMDB map size per table (grown automatically)
     lmdb_max_map_size: int = 0         # growth cap per table; 0 = no cap (disk is the limit)
@@ -81,6 +81,7 @@ class ServerConfig:
         _check(self.workers > 0, "workers must be > 0")
         _check(self.keep_snapshots >= 1, "keep_snapshots must be >= 1")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        _check(self.ram_max_bytes >= -1, "ram_max_bytes must be > 0, 0 (auto) or -1 (no cap)")
         _check(self.max_step_timeout_s > 0, "max_step_timeout_s must be > 0")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")

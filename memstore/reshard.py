@@ -67,6 +67,7 @@ class ReshardConfig:
     before: datetime | None = None  # use the newest snapshot taken at or before this time (None: newest)
     backend: str = "ram"            # "ram": snapshots only; "lmdb": also build LMDB tables
     chunk_rows: int = CHUNK_ROWS
+    allow_stale: bool = False       # go on when an LMDB table changed after its snapshot (losing those updates)
 
 
 @dataclass
@@ -235,7 +236,7 @@ def _open_inputs(config: ReshardConfig, name: str, verify: bool, log: Log) -> li
             raise ReshardError(f"table {name!r}: {snap.path} and {snaps[0].path} are shards of different "
                                f"tables ({diff})")
     for src, snap in zip(config.sources, snaps):
-        _warn_if_stale(src, snap, log)
+        _check_fresh(config, src, snap, log)
     return snaps
 
 
@@ -255,13 +256,20 @@ def _created(path: Path) -> datetime:
     return datetime.fromisoformat(read_snapshot(path, verify=False).created)
 
 
-def _warn_if_stale(source: Path, snap: Snapshot, log: Log) -> None:
-    """An LMDB table written after its snapshot holds updates the reshard would not carry
-    (best effort: a write that races the snapshot itself can carry an earlier mtime)."""
+def _check_fresh(config: ReshardConfig, source: Path, snap: Snapshot, log: Log) -> None:
+    """An LMDB table written after its snapshot holds updates the reshard would not carry: refused
+    unless --allow-stale (or --before, which asks for an older snapshot on purpose). Best effort:
+    a write that races the snapshot itself can carry an earlier mtime."""
     data_file = source / "tables" / snap.spec.name / "data.mdb"
-    if data_file.exists() and data_file.stat().st_mtime > datetime.fromisoformat(snap.created).timestamp():
-        log(f"warning: {data_file} changed after snapshot {snap.path}: updates since that snapshot are "
-            "not in the output (stop training, snapshot again, then reshard)")
+    if not data_file.exists() or data_file.stat().st_mtime <= datetime.fromisoformat(snap.created).timestamp():
+        return
+    message = (f"{data_file} changed after snapshot {snap.path}: updates since that snapshot would not be in "
+               "the output")
+    if config.allow_stale or config.before is not None:
+        log(f"warning: {message}")
+        return
+    raise ReshardError(f"{message}. Stop training, `memstore snapshot` every shard again, then reshard "
+                       "(or pass --allow-stale to accept losing them)")
 
 
 def _spec_diff(a: TableSpec, b: TableSpec) -> str:
@@ -384,6 +392,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--before", type=_parse_time, metavar="TIME",
                         help="use each table's newest snapshot taken at or before TIME "
                              "(ISO 8601, UTC unless it says otherwise, e.g. 2025-06-01T12:00:00Z)")
+    parser.add_argument("--allow-stale", action="store_true",
+                        help="reshard even when an LMDB table changed after its snapshot (those updates are lost)")
     parser.add_argument("--backend", choices=["ram", "lmdb"], default="ram",
                         help="lmdb: also build each output shard's LMDB tables now; without it an LMDB "
                              "shard builds them from the snapshots at its first start (default: ram)")
@@ -391,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = ReshardConfig(tuple(args.sources), args.out_dir, args.shards, tuple(args.tables),
-                           args.before, args.backend)
+                           args.before, args.backend, allow_stale=args.allow_stale)
     reports = reshard(config)
     print(format_report(reports))
     print(f"report: {config.out_dir / REPORT_FILE}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ from typing import Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from memstore.backends import open_backend
 from memstore.config import ConfigError, ServerConfig
@@ -71,14 +72,81 @@ class MemStoreServer:
         log.info("stopped")
 
 
+def ram_cap(config: ServerConfig) -> int | None:
+    """The RAM backend's cap on dense table bytes: explicit, none (-1, or memmap mode unless set),
+    or 80 % of the memory this process may use (the machine's, or its cgroup's if lower):
+    hashed traffic makes a RAM table resident at its dense size on its first lookups, so a table
+    admitted beyond memory would get the daemon OOM-killed later, losing every table."""
+    if config.ram_max_bytes > 0:
+        return config.ram_max_bytes
+    if config.ram_max_bytes == -1 or config.ram_memmap:
+        return None
+    return int(0.8 * usable_memory_bytes())
+
+
+def usable_memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """Server reflection as `grpc.reflection.v1` (what current grpcurl and Postman ask first) and
+    `v1alpha`. grpcio-reflection ships only v1alpha; v1's messages are the same on the wire, so
+    the same servicer answers both."""
+    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),))
+
+
+DATA_DIR_IDENTITY = "memstore-data-dir.json"
+
+
+def claim_data_dir(config: ServerConfig) -> None:
+    """A data dir remembers what it holds (backend, shard layout); a server started on it with
+    other settings is refused, instead of serving an empty or stale view of it. A data dir
+    without the record (new, or from an older version) is claimed as it is."""
+    path = config.data_path / DATA_DIR_IDENTITY
+    mine = {"backend": config.backend, "shard_index": config.resolved_shard_index(), "shard_count": config.shard_count}
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if {k: recorded.get(k) for k in mine} != mine:
+            raise ConfigError(
+                f"data dir {config.data_path} holds a {recorded.get('backend')} memstore, shard "
+                f"{recorded.get('shard_index')} of {recorded.get('shard_count')}, but this server was started as "
+                f"{config.backend}, shard {mine['shard_index']} of {config.shard_count}: start it with the settings "
+                "the data dir was created with (--backend, --shard-index, --shard-count), or move to another "
+                "backend or layout offline (copy snapshots/ into a new --data-dir; `memstore reshard`)")
+        return
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    temp.write_text(json.dumps({**mine, "format": 1}) + "\n")
+    os.replace(temp, path)
+
+
 def build_store(config: ServerConfig) -> Store:
     options = {"keep_snapshots": config.keep_snapshots, "keep_checkpoints": config.keep_checkpoints}
     if config.backend == "lmdb":
         options.update(sync=config.lmdb_sync, map_size=config.lmdb_map_size,
                        max_map_size=config.lmdb_max_map_size or None)
     else:
-        options.update(memmap=config.ram_memmap, max_bytes=config.ram_max_bytes or None)
+        options.update(memmap=config.ram_memmap, max_bytes=ram_cap(config))
     started = time.perf_counter()
+    claim_data_dir(config)
     backend = open_backend(config.backend, config.data_path, **options)
     tables = backend.tables()
     log.info("opened %s backend at %s: %d tables restored in %.2fs", config.backend, config.data_path,
@@ -126,7 +194,7 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
         max_step_timeout_s=config.max_step_timeout_s, admission=admission), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
 
     address = f"{config.host}:{config.port}"
     credentials = _credentials(config)

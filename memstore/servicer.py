@@ -148,19 +148,20 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         }
         return pb.StatsResponse(tables=[info_to_pb(v) for v in views], counters=counters,
                                 version=__version__, backend=self.backend_name,
-                                read_only=self.store.read_only)
+                                read_only=self.store.read_only, shard_index=self.store.layout.index,
+                                shard_count=self.store.layout.count)
 
     # ---- data path ----------------------------------------------------------------------------
 
     async def Lookup(self, request: pb.LookupRequest, context) -> AsyncIterator[bytes]:
         """Streams serialised LookupChunk messages (encoded by hand: see memstore.wire)."""
-        spec = self.store.spec(request.table)
-        dtype = DTYPE_TO_PB[spec.dtype]
         if self.lookup_delay_s:
             await asyncio.sleep(self.lookup_delay_s)
         ids = parse_ids(request.ids)
-        rows_per_chunk = max(1, CHUNK_BYTES // spec.row_bytes)
-        blocks = await self._run(self.store.lookup_blocks, request.table, ids, rows_per_chunk)
+        # The spec comes with the rows, from the same table object: a table dropped and created
+        # again with another shape meanwhile can never label these rows with its own.
+        spec, blocks = await self._run(self.store.lookup_blocks, request.table, ids, CHUNK_BYTES)
+        dtype = DTYPE_TO_PB[spec.dtype]
         self.metrics.rows.labels("Lookup", request.table).inc(len(ids))
         self.metrics.bytes.labels("Lookup", request.table).inc(len(ids) * spec.row_bytes)
         if len(ids) == 0:

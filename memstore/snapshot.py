@@ -252,14 +252,20 @@ def _check_shapes(snap: Snapshot, num_rows: int) -> None:
 
 
 def new_snapshot_path(table_dir: Path) -> Path:
-    """`<table_dir>/<UTC timestamp>`: names sort in creation order."""
+    """`<table_dir>/<number>-<UTC timestamp>`: `number` (ten digits) is one more than the highest
+    in `table_dir`, so snapshots order by creation whatever the wall clock does (a clock stepped
+    back must not make pruning delete the newest, or a restart restore an older one); the
+    timestamp is for people."""
+    table_dir = Path(table_dir)
+    existing = [_order(p)[0] for p in table_dir.iterdir()] if table_dir.is_dir() else []
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    path = Path(table_dir) / stamp
-    suffix = 0
-    while path.exists():  # two snapshots within one microsecond
-        suffix += 1
-        path = Path(table_dir) / f"{stamp}-{suffix}"
-    return path
+    return table_dir / f"{max(existing, default=0) + 1:010d}-{stamp}"
+
+
+def _order(path: Path) -> tuple[int, str]:
+    """Sort key: the creation number; names from before numbering (a bare timestamp) come first."""
+    head, _, _ = path.name.partition("-")
+    return (int(head), path.name) if len(head) == 10 and head.isdigit() else (0, path.name)
 
 
 def list_snapshots(table_dir: Path) -> list[Path]:
@@ -267,8 +273,8 @@ def list_snapshots(table_dir: Path) -> list[Path]:
     table_dir = Path(table_dir)
     if not table_dir.is_dir():
         return []
-    return sorted(p for p in table_dir.iterdir()
-                  if not p.name.startswith(".") and (p / META).is_file())
+    return sorted((p for p in table_dir.iterdir() if not p.name.startswith(".") and (p / META).is_file()),
+                  key=_order)
 
 
 def latest_snapshot(table_dir: Path) -> Path | None:

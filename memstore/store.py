@@ -164,10 +164,12 @@ class Store:
         except NotFound:
             return self._replacement(name, table).lookup(local_ids)
 
-    def lookup_blocks(self, name: str, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
-        """`lookup` as consecutive blocks of rows; the whole request is validated first."""
+    def lookup_blocks(self, name: str, ids: np.ndarray, block_bytes: int) -> tuple[TableSpec, Iterator[np.ndarray]]:
+        """`lookup` as consecutive blocks of at most `block_bytes` (at least one row each), with
+        the spec of the table they come from; the whole request is validated first."""
         table, local_ids = self._checked_lookup(name, ids)  # before returning: errors come at once
-        return self._blocks(name, table, local_ids, rows_per_block)
+        rows_per_block = max(1, block_bytes // table.spec.row_bytes)
+        return table.spec, self._blocks(name, table, local_ids, rows_per_block)
 
     def _blocks(self, name: str, table: Table, local_ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
         blocks = table.lookup_blocks(local_ids, rows_per_block)
@@ -184,7 +186,7 @@ class Store:
         """The table now serving `name` when a checkpoint restore swapped out `closed` under a
         lookup; NotFound again when the name is really gone (dropped)."""
         table = self.backend.get(name)
-        if table is closed:
+        if table is closed or table.spec != closed.spec:  # dropped (and maybe created again)
             raise NotFound(f"table {name!r} was dropped")
         return table
 
@@ -205,6 +207,9 @@ class Store:
         local_ids = self._checked_update_rows(table, ids, grads)
         previous_seq = (table.last_seq(client_id) or 0) if client_id else 0  # one sender per client
         unique_ids, summed = sum_duplicates(local_ids, grads)
+        moving = summed.any(axis=1)  # a row whose gradient is exactly zero is not stepped (lazy Adam)
+        if not moving.all():
+            unique_ids, summed = unique_ids[moving], summed[moving]
         applied = table.apply_update(unique_ids, np.ascontiguousarray(summed), client_id, seq, lr)
         counters = self._counter(name)
         counters.updates += int(applied)

@@ -568,7 +568,7 @@ def test_lmdb_lookups_racing_a_restore_always_find_the_table(tmp_path):
         while not stop.is_set():
             try:
                 store.lookup("t", np.array([1, 2]))
-                list(store.lookup_blocks("t", np.array([1, 2]), 1))
+                list(store.lookup_blocks("t", np.array([1, 2]), 16)[1])
             except Exception as exc:  # noqa: BLE001 - collected for the assertion
                 errors.append(exc)
     reader = threading.Thread(target=read)

@@ -4,6 +4,7 @@ layer that maps global ids to a shard's rows), without a gRPC server; the multi-
 is tests/test_shards_processes.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -184,7 +185,7 @@ def test_lmdb_output_serves_the_same_rows_state_and_dedup(tmp_path, optimizer):
         np.testing.assert_array_equal(got, want)
 
 
-def test_lmdb_inputs_and_a_warning_for_updates_after_the_snapshot(tmp_path):
+def test_lmdb_inputs_changed_after_the_snapshot_are_refused_unless_allowed(tmp_path):
     spec = make_spec("rowwise_adagrad")
     dirs = [tmp_path / f"in{i}" for i in range(2)]
     stores = open_shards(dirs, LmdbBackend)
@@ -198,8 +199,10 @@ def test_lmdb_inputs_and_a_warning_for_updates_after_the_snapshot(tmp_path):
     stores[1].update("emb", np.array([1]), np.ones((1, DIM), np.float32), "late", 1)  # not in the snapshot
     for store in stores:
         store.backend.close()
+    with pytest.raises(ReshardError, match="changed after snapshot .* --allow-stale"):  # refused by default
+        reshard(config(dirs, tmp_path / "refused", 3))
     messages: list[str] = []
-    reshard(config(dirs, tmp_path / "out", 3), log=messages.append)
+    reshard(dataclasses.replace(config(dirs, tmp_path / "out", 3), allow_stale=True), log=messages.append)
     warnings = [m for m in messages if m.startswith("warning:")]
     assert len(warnings) == 1  # shard 1 only
     assert warnings[0].startswith(f"warning: {dirs[1]}/tables/emb/data.mdb changed after snapshot")

@@ -105,4 +105,4 @@ def test_restart_with_another_shard_layout_is_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "memstore.cli", "serve", "--backend", "lmdb", "--port", "0",
                            "--data-dir", str(tmp_path / "data"), "--shard-count", "3"],
                           capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2 and "created as shard 0 of 2" in done.stderr
+    assert done.returncode == 2 and "shard 0 of 2" in done.stderr and "shard 0 of 3" in done.stderr

@@ -141,31 +141,25 @@ def warmup_cosine(step: int, warmup: int = 2, total: int = 6) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
+def run_scheduled(model, table_optimizer: torch.optim.Optimizer) -> None:
+    """Train on `batches()` with the table optimizer following `warmup_cosine`."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(table_optimizer, warmup_cosine)
+    dense = torch.optim.SGD(dense_params(model), lr=0.1)
+    for ids in batches():
+        model(ids).backward()
+        for optimizer in (dense, table_optimizer):
+            optimizer.step()
+            optimizer.zero_grad()
+        scheduler.step()
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_a_scheduled_table_trains_like_a_scheduled_local_table(tmp_path, kind):
     local = TinyLM(local_tables)
-    local_opt = sparse_optimizer(kind, local.engram.tables.parameters())
-    local_sched = torch.optim.lr_scheduler.LambdaLR(local_opt, warmup_cosine)
-    dense = torch.optim.SGD(dense_params(local), lr=0.1)
-    for ids in batches():
-        local(ids).backward()
-        dense.step()
-        local_opt.step()
-        dense.zero_grad()
-        local_opt.zero_grad()
-        local_sched.step()
-
+    run_scheduled(local, sparse_optimizer(kind, local.engram.tables.parameters()))
     with memstore_cluster(tmp_path, 1) as client:
         model = remote_model(client, kind)
-        table_lr = TableLR(model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(table_lr, warmup_cosine)
-        dense = torch.optim.SGD(dense_params(model), lr=0.1)
-        for ids in batches():
-            model(ids).backward()
-            dense.step()
-            table_lr.step()
-            dense.zero_grad()
-            scheduler.step()
+        run_scheduled(model, TableLR(model))  # the tables' lrs as a torch optimizer
         model.engram.tables.flush()
         rows = client.lookup("engram_l1", np.arange(model.engram.tables.num_rows))
     # float32 vs float64 learning rates: Adam's division amplifies the last bits a little

@@ -133,7 +133,7 @@ class Backend(ABC):
 
     @abstractmethod
     def snapshot(self, name: str) -> Path:
-        """Snapshot one table to `<data_dir>/snapshots/<name>/<UTC timestamp>/`, keeping the
+        """Snapshot one table to `<data_dir>/snapshots/<name>/<number>-<UTC timestamp>/`, keeping the
         newest `keep_snapshots`; returns the new path. Raises `NotFound`."""
 
     # ---- tagged checkpoints (training jobs: `memstore.checkpoints`) ------------------------------

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
 from memstore.errors import FailedPrecondition
+from memstore.snapshot import fsync_dir
 
 MAX_CLIENTS = 100_000  # dedup memory per table; the least recently seen client is forgotten first
 SNAPSHOTS_DIR = "snapshots"
+DROPPING_DIR = "dropping"
+TABLE_DIRS = ("snapshots", "checkpoints", "tables", "memmap")  # where a table's files may live, by backend
 
 
 def is_duplicate(last_seq: int | None, seq: int) -> bool:
@@ -67,3 +71,39 @@ class DataDirLock:
         if self._fd >= 0:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = -1
+
+
+class Tombstones:
+    """Drops in progress, so that a crash in the middle of one never brings the table back.
+
+    `<data_dir>/dropping/<name>` is written (and fsynced) before a drop deletes anything, and
+    removed when everything is gone. At start, `finish(data_dir)` completes the drops a crash
+    interrupted: whatever of the table's directories is left is deleted before any is opened.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.dir = data_dir / DROPPING_DIR
+
+    def mark(self, name: str) -> None:
+        self.dir.mkdir(exist_ok=True)
+        fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.dir)
+
+    def clear(self, name: str) -> None:
+        (self.dir / name).unlink(missing_ok=True)
+        fsync_dir(self.dir)
+
+    def finish(self) -> list[str]:
+        """Complete interrupted drops; returns the names."""
+        names = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
+        for name in names:
+            for parent in TABLE_DIRS:
+                shutil.rmtree(self.data_dir / parent / name, ignore_errors=True)
+            self.clear(name)
+        return names
+

@@ -44,7 +44,7 @@ import lmdb
 import msgpack
 
 from memstore.backends.base import Backend, Table
-from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock
+from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, Tombstones
 from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable
 from memstore.errors import AlreadyExists, FailedPrecondition, NotFound
 from memstore.snapshot import (
@@ -93,6 +93,8 @@ class LmdbBackend(Backend):
     def _open_tables(self) -> None:
         tables_dir = self.data_dir / TABLES_DIR
         tables_dir.mkdir(parents=True, exist_ok=True)
+        self._tombstones = Tombstones(self.data_dir)
+        self._tombstones.finish()  # before anything is opened: a half-dropped table stays dropped
         self._recover_restores(tables_dir)
         for path in sorted(tables_dir.iterdir()):
             self._reopen(path)
@@ -221,16 +223,17 @@ class LmdbBackend(Backend):
             raise
 
     def drop_table(self, name: str) -> None:
+        self.get(name)  # NotFound before anything is deleted
+        self._checkpoints().forget(name)  # not under the admin lock: a restore takes the two the other way round
         with self._admin:
             table = self.get(name)
+            self._tombstones.mark(name)  # from here a crash finishes the drop at the next start
             del self._tables[name]
             table.close()  # waits for the writer and open transactions
-            # Snapshots first (after one in flight): snapshots left without their table would be
-            # restored at the next start, a dropped table coming back.
-            with self._snapshot_locks.setdefault(name, threading.Lock()):
+            with self._snapshot_locks.setdefault(name, threading.Lock()):  # after a snapshot in flight
                 shutil.rmtree(self.data_dir / SNAPSHOTS_DIR / name, ignore_errors=True)
             shutil.rmtree(table.path, ignore_errors=True)
-        self._checkpoints().forget(name)  # after the admin lock: a restore takes the two the other way round
+            self._tombstones.clear(name)
 
     def snapshot(self, name: str) -> Path:
         table = self.get(name)

@@ -6,7 +6,10 @@ Per table (L = spec.local_rows rows of this shard):
     state         float32 [L, width]       optimizer state beside the rows
     materialized  bool [L]                 True once a row has been written by an update
 
-Creating a table of 10^9 rows is instant. A row that was never written reads as its
+Creating a table of 10^9 rows is instant, but not free for long: hashed ids touch every page
+(numpy backs big arrays with 2 MiB huge pages), so a table becomes resident at its dense size on
+its first lookups; `max_bytes` admits a table only when that size fits. A row that was never
+written reads as its
 deterministic initial value (rounded to the storage dtype), computed on the fly; the lookup then
 stores it if the table's lock is free, and an update stores it before its optimizer step, so the
 init is computed about once per row.
@@ -41,7 +44,7 @@ import numpy as np
 
 from memstore import dtypes, optimizers
 from memstore.backends.base import Backend, Table, TableUsage
-from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory
+from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory, Tombstones
 from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
 from memstore.init import init_rows
 from memstore.snapshot import (
@@ -169,12 +172,14 @@ class RamTable(Table):
                 return False
             # ids are unique, so slices of the batch touch disjoint rows: big batches are stepped
             # on several threads at once (numpy releases the GIL in gathers and arithmetic).
+            # Every part is computed before any is written: a part that fails (MemoryError) leaves
+            # the table as it was, so a refused update changes nothing and its retry applies once.
             bounds = np.linspace(0, len(ids), _parts(len(ids)) + 1).astype(int)
             parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
-            new_ids = [ids[part][fresh] for part, fresh in
-                       zip(parts, _APPLY_POOL.map(lambda p: self._step_rows(ids[p], grads[p], lr), parts))]
+            stepped = list(_APPLY_POOL.map(lambda p: self._stepped_rows(ids[p], grads[p], lr), parts))
+            list(_APPLY_POOL.map(lambda args: self._write_rows(ids[args[0]], *args[1][:2]), zip(parts, stepped)))
             # Rows and state first, flags last: a concurrent lookup trusts a set flag.
-            new_ids = np.concatenate(new_ids) if new_ids else ids[:0]
+            new_ids = np.concatenate([ids[part][fresh] for part, (_, _, fresh) in zip(parts, stepped)])
             if len(new_ids):
                 self._a.materialized[new_ids] = True
                 self._count += len(new_ids)
@@ -189,8 +194,10 @@ class RamTable(Table):
     def version(self) -> int:
         return self._version
 
-    def _step_rows(self, ids: np.ndarray, grads: np.ndarray, lr: float | None) -> np.ndarray:
-        """Gather, step and scatter rows + state of `ids`; returns the mask of rows that were fresh."""
+    def _stepped_rows(self, ids: np.ndarray, grads: np.ndarray,
+                      lr: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows (storage dtype) and state of `ids` after the step, and the mask of rows that were
+        fresh; nothing is written."""
         a, opt = self._a, self.spec.optimizer
         fresh = ~a.materialized[ids]                                          # (n,)
         stored = np.take(a.rows, ids, axis=0)                                 # (n, dim)
@@ -201,9 +208,11 @@ class RamTable(Table):
             state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
         rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
         optimizers.step(opt, rows, state, grads, lr)
-        a.rows[ids] = dtypes.from_float32(rows, self.spec.dtype)
-        a.state[ids] = state
-        return fresh
+        return dtypes.from_float32(rows, self.spec.dtype), state, fresh
+
+    def _write_rows(self, ids: np.ndarray, stored: np.ndarray, state: np.ndarray) -> None:
+        self._a.rows[ids] = stored
+        self._a.state[ids] = state
 
     def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
         """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
@@ -310,6 +319,8 @@ class RamBackend(Backend):
         self._tables: dict[str, RamTable] = {}
         self._admin = threading.Lock()  # create / drop / close
         shutil.rmtree(self.data_dir / MEMMAP_DIR, ignore_errors=True)  # scratch from a previous run
+        self._tombstones = Tombstones(self.data_dir)
+        self._tombstones.finish()
         for table_dir in sorted((self.data_dir / SNAPSHOTS_DIR).glob("*")):
             self._restore(table_dir)
 
@@ -332,8 +343,10 @@ class RamBackend(Backend):
             used = sum(dense_bytes(t.spec) for t in self._tables.values())
             if used + dense_bytes(spec) > self.max_bytes:
                 raise ResourceExhausted(
-                    f"table {spec.name!r} needs {dense_bytes(spec):,} bytes of dense arrays; "
-                    f"{used:,} of max_bytes={self.max_bytes:,} are in use")
+                    f"table {spec.name!r} needs {dense_bytes(spec) / 2**30:.2f} GiB of RAM (rows + optimizer state, "
+                    f"dense: hashed rows touch all of it), but only {(self.max_bytes - used) / 2**30:.2f} GiB of "
+                    f"max_bytes={self.max_bytes:,} ({self.max_bytes / 2**30:.2f} GiB) are left; use more shards, "
+                    "the lmdb backend, ram_memmap, or raise ram_max_bytes")
         memmap_dir = self._memmap_dir(spec.name)
         return RamTable(spec, _allocate(spec, memmap_dir), DedupMemory(), memmap_dir)
 
@@ -348,13 +361,16 @@ class RamBackend(Backend):
             return table
 
     def drop_table(self, name: str) -> None:
+        self.get(name)  # NotFound before anything is deleted
+        self._checkpoints().forget(name)  # not under the admin lock: a restore takes the two the other way round
         with self._admin:
             table = self.get(name)
+            self._tombstones.mark(name)  # from here a crash finishes the drop at the next start
             with table._snapshot_lock, table._lock:  # wait for an update or snapshot in flight
                 del self._tables[name]
                 table.release()
             shutil.rmtree(self._snapshots_dir(name), ignore_errors=True)
-        self._checkpoints().forget(name)  # after the admin lock: a restore takes the two the other way round
+            self._tombstones.clear(name)
 
     def _replace_from(self, snapshot: Snapshot) -> Table:
         """In place (no second copy of the table in memory), then a snapshot: a restart after
