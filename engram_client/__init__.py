@@ -1,6 +1,6 @@
 """engram_client: the model side of Engram (hashing, token compression, EngramBlock, table sources).
 
-Exports are loaded lazily (PEP 562): `import engram_client.memstore_client` must work in the
+Exports are loaded lazily (PEP 562): `import memstore.client` must work in the
 server image, which has no torch, so this file imports nothing heavy up front.
 """
 
@@ -24,8 +24,8 @@ _EXPORTS = {
     "LocalTables": "engram_client.tables",
     "TableSource": "engram_client.tables",
     # ---- remote tables: clients, table sources, prefetch, cache ---------------------------------
-    "MemStoreClient": "engram_client.memstore_client",
-    "TlsConfig": "engram_client.memstore_client",
+    "MemStoreClient": "memstore.client",
+    "TlsConfig": "memstore.client",
     "ShardedClient": "engram_client.sharded",
     "RemoteTables": "engram_client.remote",
     "MemStoreTables": "engram_client.remote",
@@ -34,7 +34,7 @@ _EXPORTS = {
     "Prefetcher": "engram_client.prefetch",
     "RowCache": "engram_client.cache",
     # ---- training jobs: steps, data-parallel ranks, checkpoints, lr schedules ---------------------
-    "Job": "engram_client.memstore_client",
+    "Job": "memstore.client",
     "StepFailed": "engram_client.steps",
     "checkpoint_tables": "engram_client.checkpoint",
     "restore_tables": "engram_client.checkpoint",
@@ -76,13 +76,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
     from engram_client.hashing import NgramHasher
     from engram_client.host import HostTables, InProcessStore
-    from engram_client.memstore_client import Job, MemStoreClient, TlsConfig
     from engram_client.optim import RowwiseAdam
     from engram_client.prefetch import Prefetcher
     from engram_client.remote import MemStoreTables, RemoteTables
     from engram_client.sharded import ShardedClient
     from engram_client.steps import StepFailed
     from engram_client.tables import LocalTables, TableSource
+    from memstore.client import Job, MemStoreClient, TlsConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engram_client.memstore_client import Job, StepOrder, TableInfo
 from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
+from memstore.client import Job, StepOrder, TableInfo
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import Store
 

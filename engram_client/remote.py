@@ -46,9 +46,9 @@ import torch
 from torch.nn import functional as F
 
 from engram_client.cache import RowCache
-from engram_client.memstore_client import Job
 from engram_client.steps import StepLog
 from engram_client.tables import TableSource
+from memstore.client import Job
 from memstore.dtypes import storage_dtype
 
 MODES = ("sync", "async")

@@ -16,9 +16,9 @@ from typing import Self
 
 import numpy as np
 
-from engram_client.memstore_client import Job, MemStoreClient, TableInfo
+from memstore.client import Job, MemStoreClient, TableInfo
 from memstore.errors import FailedPrecondition
-from memstore.store import sum_duplicates
+from memstore.protocol import sum_duplicates
 
 
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:

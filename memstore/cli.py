@@ -39,12 +39,12 @@ def _tls(args):
     """TlsConfig from --tls-ca/--tls-client-cert/--tls-client-key/--tls-server-name, or None."""
     if not (args.tls_ca or args.tls_client_cert):
         return None
-    from engram_client.memstore_client import TlsConfig
+    from memstore.client import TlsConfig
     return TlsConfig(args.tls_ca, args.tls_client_cert, args.tls_client_key, args.tls_server_name)
 
 
 def _client(args):
-    from engram_client.memstore_client import MemStoreClient
+    from memstore.client import MemStoreClient
     return MemStoreClient(args.target, token=args.token or None, tls=_tls(args), timeout_s=args.timeout,
                           retry_timeout_s=0)
 

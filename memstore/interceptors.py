@@ -17,10 +17,10 @@ import grpc
 
 from memstore.errors import InvalidArgument, MemStoreError, ResourceExhausted
 from memstore.metrics import Metrics
+from memstore.protocol import ERROR_TRAILER
 
 log = logging.getLogger("memstore.rpc")
 
-ERROR_TRAILER = "memstore-error"
 
 # Health checks must answer without credentials (load balancers and kubelet probes have none)
 # and even when the server is saturated (a busy shard is not a dead one).

@@ -18,35 +18,14 @@ import numpy as np
 from memstore import __version__
 from memstore.errors import InvalidArgument
 from memstore.metrics import Metrics
-from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.protocol import CHUNK_BYTES, DTYPE_TO_PB, spec_from_pb, spec_to_pb
 from memstore.steps import StepBarrier
 from memstore.store import GRAD_DTYPE, ID_DTYPE, Store, TableView, parse_grads, parse_ids
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
 from memstore.wire import UpdateChunk, WireError, decode_update_chunk, encode_lookup_chunk
 
-CHUNK_BYTES = 1 << 20  # ~1 MiB per streamed message: well inside gRPC's default 4 MiB limit
-
-DTYPE_TO_PB = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
-PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
-
 T = TypeVar("T")
-
-
-def spec_from_pb(msg: pb.TableSpec) -> TableSpec:
-    if msg.dtype not in PB_TO_DTYPE:
-        raise InvalidArgument(f"dtype must be FLOAT32, FLOAT16 or BFLOAT16, got enum value {msg.dtype}")
-    init = InitSpec(kind=msg.init.kind or "normal", scale=msg.init.scale, seed=msg.init.seed)
-    optimizer = OptimizerSpec(kind=msg.optimizer.kind or "sgd", lr=msg.optimizer.lr, args=dict(msg.optimizer.args))
-    return TableSpec(name=msg.name, num_rows=msg.num_rows, dim=msg.dim, dtype=PB_TO_DTYPE[msg.dtype],
-                     init=init, optimizer=optimizer)
-
-
-def spec_to_pb(spec: TableSpec) -> pb.TableSpec:
-    return pb.TableSpec(
-        name=spec.name, num_rows=spec.num_rows, dim=spec.dim, dtype=DTYPE_TO_PB[spec.dtype],
-        init=pb.InitSpec(kind=spec.init.kind, scale=spec.init.scale, seed=spec.init.seed),
-        optimizer=pb.OptimizerSpec(kind=spec.optimizer.kind, lr=spec.optimizer.lr, args=spec.optimizer.args))
 
 
 def info_to_pb(view: TableView) -> pb.TableInfo:

@@ -17,6 +17,7 @@ import numpy as np
 
 from memstore.backends.base import Backend, Table
 from memstore.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from memstore.protocol import sum_duplicates
 from memstore.spec import TableSpec
 
 ID_DTYPE = np.dtype("<i8")
@@ -66,27 +67,6 @@ def parse_grads(raw: bytes, rows: int, dim: int) -> np.ndarray:
             f"grads: got {len(raw)} bytes, expected {expected} = {rows} rows x dim {dim} x 4 bytes "
             "(gradients are little-endian float32)")
     return np.frombuffer(raw, dtype=GRAD_DTYPE).reshape(rows, dim)
-
-
-def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique ids and the summed gradient of each.
-
-    Training clients already send sorted unique ids (the per-row gradient of a unique lookup),
-    so that case costs one comparison pass and no copy.
-    """
-    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
-        return ids, grads
-    order = np.argsort(ids, kind="stable")
-    sorted_ids, sorted_grads = ids[order], grads[order]
-    is_first = np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]               # (n,) first of its id
-    if is_first.all():
-        return sorted_ids, sorted_grads
-    # Few rows repeat: start from each id's first row and add the repeats in place
-    # (np.add.reduceat over axis 0 is several times slower than this).
-    segment = np.cumsum(is_first) - 1                                       # (n,) unique index of each row
-    summed = sorted_grads[is_first]                                         # (U, dim)
-    np.add.at(summed, segment[~is_first], sorted_grads[~is_first])
-    return sorted_ids[is_first], summed
 
 
 class Store:

@@ -18,8 +18,8 @@ import torch
 
 from engram_client import ShardedClient
 from memstore import optimizers
+from memstore.protocol import sum_duplicates
 from memstore.spec import OptimizerSpec
-from memstore.store import sum_duplicates
 from tests.servers import in_process
 from tests.test_remote_training import LR
 

@@ -1,0 +1,445 @@
+"""The plain Python client for one memstore server: numpy in, numpy out (no torch needed).
+
+- Lookups larger than `max_ids_per_call` are split and sent `parallel_calls` at a time (two
+  calls in flight is where loopback gRPC peaks, see LIMITS.md); rows stream back in ~1 MiB chunks.
+- Updates sum duplicate ids first, stream gradients in ~1 MiB chunks and carry
+  (client_id, seq): a retried update is acknowledged by the server, never applied twice. Updates
+  of one client leave in the order they were made (one sender thread), so seqs only increase.
+- UNAVAILABLE (server restarting) and gRPC's own RESOURCE_EXHAUSTED (concurrency back-pressure)
+  are retried with exponential backoff until `retry_timeout_s`; every other error raises a
+  `memstore.errors.MemStoreError` subclass carrying the status code.
+- bfloat16 tables come back as uint16 bit patterns (numpy has no bf16):
+  `torch.from_numpy(rows).view(torch.bfloat16)`.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Self, TypeVar
+
+import grpc
+import numpy as np
+
+from memstore.dtypes import storage_dtype
+from memstore.errors import FailedPrecondition, MemStoreError, from_status
+from memstore.protocol import (
+    CHUNK_BYTES,
+    ERROR_TRAILER,
+    PB_TO_DTYPE,
+    spec_from_pb,
+    spec_to_pb,
+    sum_duplicates,
+)
+from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.v1 import memstore_pb2 as pb
+from memstore.v1 import memstore_pb2_grpc as pb_grpc
+from memstore.wire import decode_lookup_chunk, encode_update_chunk
+
+T = TypeVar("T")
+_MESSAGE_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")  # gRPC's, final
+# Below this many ids per call, splitting a lookup costs more than it overlaps: measured with
+# client and server on the same 2 cores, one 64k call (11 ms) beat two 32k calls (12.6 ms).
+MIN_IDS_PER_CALL = 1 << 16
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files: `ca_cert` verifies the server; `client_cert`/`client_key` for mutual TLS."""
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None  # override the name checked against the certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p else None
+        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+
+
+@dataclass(frozen=True)
+class Job:
+    """The data-parallel job an update belongs to: `world_size` ranks train a table together.
+
+    Each shard applies one optimizer step per training step, with the mean of the ranks'
+    gradients, once all `world_size` contributions have arrived; a step that misses a rank for
+    `step_timeout_s` is dropped on that shard and every waiting rank gets ABORTED. The job's
+    `name` is its identity for exactly-once delivery: every rank of one run uses the same name.
+    """
+    name: str
+    rank: int = 0
+    world_size: int = 1
+    step_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a Job needs a name (the same on every rank)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+
+    @property
+    def client_id(self) -> str:
+        return f"job:{self.name}"
+
+
+class StepOrder:
+    """The sending side of exactly-once training steps, per (table, client_id); one thread only.
+
+    failed[key]  the oldest step that failed and has not been re-sent successfully. Later steps
+                 are refused unsent: a server applies a client's steps in order only (a seq at or
+                 below the last applied is a retry), so a later step applied first would turn the
+                 failed step's re-send into a no-op.
+    acked[key]   the highest step acknowledged: a step at or below it is a re-send.
+    """
+
+    def __init__(self) -> None:
+        self.failed: dict[tuple[str, str], int] = {}
+        self.acked: dict[tuple[str, str], int] = {}
+
+    def check(self, key: tuple[str, str], step: int, where: str) -> bool:
+        """Refuse `step` while an earlier one is failed; returns whether this is its first send."""
+        failed = self.failed.get(key)
+        if failed is not None and step > failed:
+            raise FailedPrecondition(
+                f"step {step} of table {key[0]!r} not sent to {where}: step {failed} failed there and has "
+                "not been re-sent; re-send it first (or restore a checkpoint)")
+        return failed is None and step > self.acked.get(key, -1)
+
+    def record(self, key: tuple[str, str], step: int, ok: bool) -> None:
+        failed = self.failed.get(key)
+        if not ok:
+            self.failed[key] = step if failed is None else min(failed, step)
+            return
+        if failed == step:
+            del self.failed[key]
+        self.acked[key] = max(step, self.acked.get(key, -1))
+
+    def forget(self, table: str) -> None:
+        """The table was restored: its steps are numbered from the checkpoint again."""
+        for memory in (self.failed, self.acked):
+            for key in [k for k in memory if k[0] == table]:
+                del memory[key]
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    spec: TableSpec            # num_rows is the global table size; shard fields say which shard answered
+    rows_materialized: int
+    bytes_used: int
+    lookups: int
+    updates: int
+
+
+def _info(msg: pb.TableInfo) -> TableInfo:
+    spec = spec_from_pb(msg.spec)
+    if msg.shard_count > 1:
+        spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
+    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates)
+
+
+class MemStoreClient:
+    """A connection to one memstore server.
+
+    Args:
+        target: "host:port" (or any gRPC target).
+        token: bearer token, when the server runs with --token.
+        tls: a TlsConfig (CA, client cert/key for mutual TLS), True for the system roots, or None.
+        timeout_s: deadline of each call; retry_timeout_s: how long UNAVAILABLE and back-pressure
+            are retried before the error surfaces (0: never retry).
+        client_id: identifies this client's updates for exactly-once delivery; leave it to the
+            default (a fresh random id) unless you know you need to pin it.
+        max_ids_per_call, parallel_calls: lookups larger than max_ids_per_call are split, and large
+            ones go as up to parallel_calls calls in flight.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, tls: TlsConfig | bool | None = None,
+                 timeout_s: float = 60.0, retry_timeout_s: float = 60.0, client_id: str | None = None,
+                 max_ids_per_call: int = 1 << 17, parallel_calls: int = 2):
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retry_timeout_s = retry_timeout_s
+        self.client_id = client_id or uuid.uuid4().hex
+        self.max_ids_per_call = max_ids_per_call
+        self.parallel_calls = parallel_calls
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        if isinstance(tls, TlsConfig) and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        if tls:
+            creds = tls.credentials() if isinstance(tls, TlsConfig) else grpc.ssl_channel_credentials()
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.MemStoreStub(self._channel)
+        # Lookup answers are read without building protobuf objects (see memstore.wire).
+        self._lookup_raw = self._channel.unary_stream(
+            "/memstore.v1.MemStore/Lookup", request_serializer=pb.LookupRequest.SerializeToString,
+            response_deserializer=None)
+        self._update_raw = self._channel.stream_unary(
+            "/memstore.v1.MemStore/Update", request_serializer=None,
+            response_deserializer=pb.UpdateResponse.FromString)
+        self._lookup_pool = ThreadPoolExecutor(parallel_calls, thread_name_prefix="memstore-lookup")
+        self._async_pool = ThreadPoolExecutor(4, thread_name_prefix="memstore-async")
+        self._update_sender = ThreadPoolExecutor(1, thread_name_prefix="memstore-update")  # keeps order
+        self._seqs: dict[str, Iterator[int]] = {}
+        self._row_format: dict[str, tuple[int, np.dtype]] = {}  # table → (dim, storage dtype), learnt
+        self._seq_lock = threading.Lock()
+        self._step_order = StepOrder()  # step-numbered updates: touched only on the sender thread
+        self._step_tables: set[str] = set()  # tables this client's own id updates by step
+
+    # ---- tables -------------------------------------------------------------------------------
+
+    def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
+                     init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
+                     if_not_exists: bool = False, **optimizer_args: float) -> TableInfo:
+        spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
+                         OptimizerSpec(optimizer, lr, optimizer_args))
+        request = pb.CreateTableRequest(spec=spec_to_pb(spec), if_not_exists=if_not_exists)
+        return _info(self._call(self._stub.CreateTable, request))
+
+    def describe_table(self, name: str) -> TableInfo:
+        return _info(self._call(self._stub.DescribeTable, pb.DescribeTableRequest(name=name)))
+
+    def list_tables(self) -> list[TableInfo]:
+        return [_info(t) for t in self._call(self._stub.ListTables, pb.ListTablesRequest()).tables]
+
+    def drop_table(self, name: str) -> None:
+        self._call(self._stub.DropTable, pb.DropTableRequest(name=name))
+
+    def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
+        """Snapshot one table or all; with `tag`, a named checkpoint of table `name` (the same tag
+        again while the table is unchanged returns the existing one)."""
+        return list(self._call(self._stub.Snapshot, pb.SnapshotRequest(table=name, tag=tag)).paths)
+
+    def restore(self, name: str, tag: str, *, job: Job | None = None) -> str:
+        """Roll table `name` back to its checkpoint `tag` (rows, optimizer state, exactly-once memory).
+        `job`: this rank restarts its data-parallel job from there (what it sent before is withdrawn)."""
+        request = pb.RestoreRequest(table=name, tag=tag, job=job.client_id if job else "", rank=job.rank if job else 0)
+        path = self._call(self._stub.Restore, request).path
+        self._update_sender.submit(self._step_order.forget, name).result()  # steps start over
+        return path
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call(self._stub.Stats, pb.StatsRequest())
+
+    # ---- lookups ------------------------------------------------------------------------------
+
+    def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows [len(ids), dim] in the table's storage dtype, in the order of `ids`."""
+        ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
+        # Large batches go as `parallel_calls` calls at once: the server gathers one while it
+        # streams the other (LIMITS.md: two calls in flight is where loopback gRPC peaks).
+        parts = max(-(-len(ids) // self.max_ids_per_call), min(self.parallel_calls, len(ids) // MIN_IDS_PER_CALL))
+        if parts <= 1:
+            return self._lookup_part(name, ids)
+        if name not in self._row_format:
+            self._lookup_part(name, ids[:0])  # an empty lookup tells the row format, moving no rows
+        dim, dtype = self._row_format[name]
+        out = np.empty((len(ids), dim), dtype)
+        bounds = np.linspace(0, len(ids), parts + 1).astype(int)
+        try:
+            list(self._lookup_pool.map(lambda b: self._lookup_part(name, ids[b[0]:b[1]], out[b[0]:b[1]]),
+                                       itertools.pairwise(bounds)))  # each part streams into its slice
+        except _RowFormatChanged:  # the table was dropped and re-created with other rows
+            return self._lookup_part(name, ids)
+        return out
+
+    def lookup_async(self, name: str, ids: np.ndarray) -> Future:
+        """`lookup` on a background thread; `.result()` gives the rows."""
+        ids = np.array(ids, dtype="<i8").reshape(-1)  # copy: the caller may reuse its buffer
+        return self._async_pool.submit(self.lookup, name, ids)
+
+    def _lookup_part(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        request = pb.LookupRequest(table=name, ids=ids.tobytes())
+        return self._retry(lambda: self._receive_rows(request, len(ids), out))
+
+    def _receive_rows(self, request: pb.LookupRequest, n: int, out: np.ndarray | None) -> np.ndarray:
+        try:
+            for message in self._lookup_raw(request, timeout=self.timeout_s, metadata=self._metadata):
+                payload, row_offset, dtype, dim = decode_lookup_chunk(message)
+                row_format = (dim, storage_dtype(PB_TO_DTYPE[dtype]))
+                self._row_format[request.table] = row_format
+                if out is None:
+                    out = np.empty((n, dim), dtype=row_format[1])
+                elif (out.shape[1], out.dtype) != row_format:
+                    raise _RowFormatChanged
+                rows = np.frombuffer(payload, dtype=out.dtype).reshape(-1, dim)
+                out[row_offset:row_offset + len(rows)] = rows
+        except grpc.RpcError as exc:
+            raise _as_error(exc) from None
+        return out
+
+    # ---- updates ------------------------------------------------------------------------------
+
+    def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+               job: Job | None = None, lr: float | None = None) -> bool:
+        """One optimizer step on the server: duplicate ids are summed, then applied exactly once.
+        Returns False when the server had already applied it (a retried delivery).
+
+        step: the training step (>= 0). The update is then identified by (client_id, step), or
+            (job, step), and applied at most once, so a step that raised may be sent again as a
+            whole. Steps of one client go in increasing order.
+        job: a data-parallel `Job` (needs `step`): the shard applies the mean of the ranks'
+            gradients once all have sent theirs; the call returns when the step is applied.
+        lr: this step's learning rate (an lr schedule); None: the table's.
+        """
+        return self.update_async(name, ids, grads, step=step, job=job, lr=lr).result()
+
+    def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
+                     job: Job | None = None, lr: float | None = None) -> Future:
+        """Queue an update; updates of this client reach the server in call order."""
+        ids = np.asarray(ids, dtype="<i8").reshape(-1)
+        grads = np.asarray(grads, dtype="<f4")
+        if grads.ndim != 2 or grads.shape[0] != len(ids):
+            raise ValueError(f"grads must be [len(ids)={len(ids)}, dim], got {grads.shape}")
+        if job is not None and step is None:
+            raise ValueError("a data-parallel update (job=...) needs step=")
+        if step is not None and step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        summed_ids, summed = sum_duplicates(ids, grads)
+        if summed_ids is ids:  # already sorted and unique: nothing was copied, but the caller may
+            summed_ids, summed = ids.copy(), summed.copy()  # reuse its buffers before this is sent
+        ids, grads = np.ascontiguousarray(summed_ids), np.ascontiguousarray(summed)  # sent as raw bytes
+        if step is None:
+            return self._update_sender.submit(self._send_update, name, ids, grads, lr)
+        return self._update_sender.submit(self._send_step, name, ids, grads, step, job, lr)
+
+    def _send_update(self, name: str, ids: np.ndarray, grads: np.ndarray, lr: float | None) -> bool:
+        if name in self._step_tables:
+            raise ValueError(f"this client sends step-numbered updates to table {name!r}; "
+                             "an update without step= would break their exactly-once order")
+        applied = True
+        for start in range(0, len(ids), self.max_ids_per_call):  # disjoint ids: one step per row still
+            part = slice(start, start + self.max_ids_per_call)
+            seq = self._next_seq(name)  # retries resend this seq: the server applies it once
+            header = {"client_id": self.client_id, "seq": seq, "lr": lr}
+            applied &= self._retry(partial(self._stream_update, name, header, ids[part], grads[part])).applied
+        return applied
+
+    def _send_step(self, name: str, ids: np.ndarray, grads: np.ndarray, step: int, job: Job | None,
+                   lr: float | None) -> bool:
+        """One training step as ONE Update (so it is applied whole or not at all)."""
+        client_id = job.client_id if job else self.client_id
+        if job is None:
+            if name in self._seqs:
+                raise ValueError(f"this client sent updates without step= to table {name!r}; step-numbered "
+                                 "ones would break their exactly-once order (use another client)")
+            self._step_tables.add(name)
+        key = (name, client_id)
+        first_send = self._step_order.check(key, step, self.target)
+        header = {"client_id": client_id, "seq": step + 1, "lr": lr}
+        timeout = self.timeout_s
+        if job is not None and job.world_size > 1:
+            header.update(rank=job.rank, world_size=job.world_size, step_timeout_ms=int(job.step_timeout_s * 1e3))
+            timeout += job.step_timeout_s  # the server answers when every rank has sent (or the step is dropped)
+        attempts = 0
+
+        def attempt() -> bool:
+            nonlocal attempts
+            attempts += 1
+            return self._stream_update(name, header, ids, grads, timeout)
+        try:
+            response = self._retry(attempt)
+            self._check_continuity(key, step, response, first_send and attempts == 1, job)
+        except BaseException:
+            self._step_order.record(key, step, ok=False)
+            raise
+        self._step_order.record(key, step, ok=True)
+        return response.applied
+
+    def _check_continuity(self, key: tuple[str, str], step: int, response: pb.UpdateResponse, first_try: bool,
+                          job: Job | None) -> None:
+        """Refuse to train on when the server's memory of this client's steps disagrees with ours."""
+        name, who = key[0], f"job name {job.name!r}" if job else "client_id"
+        if not response.applied and first_try:
+            raise FailedPrecondition(
+                f"step {step} of table {name!r} was already applied on {self.target} before this client sent it: "
+                f"an earlier run used the same {who}, or another process uses it now (ranks without rank= and "
+                "world_size=?). Resume that run with restore_tables(), or start a new one under a new name")
+        acked = self._step_order.acked.get(key)
+        if response.applied and acked is not None and response.previous_seq < acked + 1:
+            raise FailedPrecondition(
+                f"{self.target} lost steps of table {name!r} that it had acknowledged: it remembers step "
+                f"{int(response.previous_seq) - 1}, this client had step {acked} applied there (a RAM server "
+                "restarted from an older snapshot?). Restore the job from its last checkpoint (restore_tables)")
+
+    def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,
+                       timeout: float | None = None) -> pb.UpdateResponse:
+        rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
+
+        id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
+        grad_row = grads.shape[1] * grads.itemsize
+
+        def chunks() -> Iterator[bytes]:
+            for start in range(0, max(len(ids), 1), rows_per_chunk):
+                stop = min(len(ids), start + rows_per_chunk)
+                first = {"table": name, "total_rows": len(ids), **header} if start == 0 else {}
+                yield encode_update_chunk(id_bytes[start * 8:stop * 8],
+                                          grad_bytes[start * grad_row:stop * grad_row], **first)
+        try:
+            return self._update_raw(chunks(), timeout=timeout or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _as_error(exc) from None
+
+    def _next_seq(self, name: str) -> int:
+        with self._seq_lock:
+            return next(self._seqs.setdefault(name, itertools.count(1)))
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _call(self, method: Callable, request):
+        def once():
+            try:
+                return method(request, timeout=self.timeout_s, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise _as_error(exc) from None
+        return self._retry(once)
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return attempt()
+            except MemStoreError as exc:
+                if not getattr(exc, "retryable", False) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def close(self) -> None:
+        self._update_sender.shutdown(wait=True)
+        self._async_pool.shutdown(wait=True)  # before the lookup pool: its jobs submit into it
+        self._lookup_pool.shutdown(wait=True)
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _RowFormatChanged(Exception):
+    """A table's rows no longer have the (dim, dtype) this client learnt for it."""
+
+
+def _as_error(exc: grpc.RpcError) -> MemStoreError:
+    """The project error for a failed call; `.retryable` marks transient failures."""
+    code, details = exc.code(), exc.details() or ""
+    trailers = dict(exc.trailing_metadata() or ())
+    error = from_status(code, details)
+    # UNAVAILABLE: server down or restarting. RESOURCE_EXHAUSTED without our trailer: gRPC's own
+    # concurrency limit (back-pressure). Ours (e.g. request too large, map full) is final.
+    error.retryable = (code in RETRYABLE and ERROR_TRAILER not in trailers
+                       and not details.startswith(_MESSAGE_TOO_LARGE))
+    return error
+
