@@ -27,6 +27,7 @@ from typing import Self, TypeVar
 import grpc
 import numpy as np
 
+from memstore import shm
 from memstore.dtypes import storage_dtype
 from memstore.errors import FailedPrecondition, MemStoreError, from_status
 from memstore.protocol import (
@@ -158,11 +159,18 @@ class MemStoreClient:
             default (a fresh random id) unless you know you need to pin it.
         max_ids_per_call, parallel_calls: lookups larger than max_ids_per_call are split, and large
             ones go as up to parallel_calls calls in flight.
+        shared_memory: "auto" (default): on the server's host, map its RAM tables read-only and
+            gather rows here (`memstore.shm`), otherwise gRPC, silently; "on": the same-host
+            path or a clear error; "off": always gRPC. Rows are identical either way.
     """
 
     def __init__(self, target: str, *, token: str | None = None, tls: TlsConfig | bool | None = None,
                  timeout_s: float = 60.0, retry_timeout_s: float = 60.0, client_id: str | None = None,
-                 max_ids_per_call: int = 1 << 17, parallel_calls: int = 2):
+                 max_ids_per_call: int = 1 << 17, parallel_calls: int = 2, shared_memory: str = "auto"):
+        if shared_memory not in ("auto", "on", "off"):
+            raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
+        self.shared_memory = shared_memory
+        self._views: dict[str, SharedView | None] = {}  # table → its mapping; None: gRPC for it
         self.target = target
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
@@ -235,6 +243,9 @@ class MemStoreClient:
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows [len(ids), dim] in the table's storage dtype, in the order of `ids`."""
         ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
+        rows = self._shared_lookup(name, ids)
+        if rows is not None:
+            return rows
         # Large batches go as `parallel_calls` calls at once: the server gathers one while it
         # streams the other (LIMITS.md: two calls in flight is where loopback gRPC peaks).
         parts = max(-(-len(ids) // self.max_ids_per_call), min(self.parallel_calls, len(ids) // MIN_IDS_PER_CALL))
@@ -251,6 +262,48 @@ class MemStoreClient:
         except _RowFormatChanged:  # the table was dropped and re-created with other rows
             return self._lookup_part(name, ids)
         return out
+
+    def _shared_lookup(self, name: str, ids: np.ndarray) -> np.ndarray | None:
+        """Rows gathered from the mapped table; None: take the gRPC path (not same-host, or ids
+        the server must judge: out of range, another shard's)."""
+        if self.shared_memory == "off":
+            return None
+        for _ in range(2):  # a stale mapping (dropped, re-created, restarted) is mapped once more
+            view = self._view(name)
+            if view is None:
+                return None
+            try:
+                return view.lookup(ids)
+            except shm.StaleMapping:
+                self._views.pop(name, None)
+        return None if self.shared_memory == "auto" else self._fail_shared(name, "its mapping keeps going stale")
+
+    def _view(self, name: str) -> SharedView | None:
+        """The table's mapping, made on first use; None: this table goes over gRPC."""
+        if name in self._views:
+            return self._views[name]
+        try:
+            view = SharedView(self._call(self._stub.MapTable, pb.MapTableRequest(table=name)))
+        except shm.StaleMapping as exc:  # another host, or files this user may not open
+            reason = str(exc)
+        except MemStoreError as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED or (exc.code == grpc.StatusCode.NOT_FOUND
+                                                               and self.shared_memory == "on"):
+                raise
+            if exc.code == grpc.StatusCode.NOT_FOUND:
+                return None  # gRPC answers it (NOT_FOUND too); the table may be created later
+            reason = exc.message  # FAILED_PRECONDITION: not in shared memory; UNIMPLEMENTED: older server
+        else:
+            self._views[name] = view
+            return view
+        if self.shared_memory == "on":
+            self._fail_shared(name, reason)
+        self._views[name] = None
+        return None
+
+    def _fail_shared(self, name: str, why: str):
+        raise FailedPrecondition(f"shared_memory='on' but table {name!r} on {self.target} cannot be read "
+                                 f"through shared memory: {why}")
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows."""
@@ -426,6 +479,30 @@ class MemStoreClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SharedView:
+    """A table of a co-located server, mapped read-only (see `memstore.shm`)."""
+
+    def __init__(self, response: pb.MapTableResponse):
+        if response.boot_id != shm.boot_id():
+            raise shm.StaleMapping("the server runs on another host")
+        self.spec = replace(spec_from_pb(response.spec), shard_index=response.shard_index,
+                            shard_count=response.shard_count or 1)
+        self.generation = response.generation
+        self.files = shm.open_readonly(Path(response.path), self.spec, self.generation)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray | None:
+        """Rows of global `ids`; None for ids only the server may refuse (out of range, another
+        shard's): the gRPC path answers those with the right error."""
+        spec = self.spec
+        if len(ids) and (ids.min() < 0 or ids.max() >= spec.num_rows
+                         or (spec.shard_count > 1 and np.any(ids % spec.shard_count != spec.shard_index))):
+            return None
+        shm.check(self.files, self.generation)
+        rows, _ = shm.gather(self.files.rows, self.files.materialized, spec, spec.to_local(ids))
+        shm.check(self.files, self.generation)  # dropped or replaced meanwhile: these rows are not trusted
+        return rows
 
 
 class _RowFormatChanged(Exception):

@@ -41,6 +41,7 @@ class ServerConfig:
     snapshot_interval_s: float = 0.0   # RAM backend: periodic checkpoint; 0 disables
     keep_checkpoints: int = 3          # newest tagged (training-job) checkpoints kept per table
     ram_memmap: bool = False           # RAM backend: back arrays by files in data_dir
+    shm_dir: str = "auto"              # RAM backend: arrays in shared memory here, mapped by same-host clients; "" = off
     ram_max_bytes: int = 0             # RAM backend: dense bytes of all tables; 0 = auto (80 % of RAM/cgroup), -1 = no cap
     lmdb_sync: bool = True             # fsync each commit: acknowledged updates survive power loss
     lmdb_map_size: int = 1 << 30       # initial LMDB map size per table (grown automatically)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from memstore import shm
 from memstore.backends import open_backend
 from memstore.config import ConfigError, ServerConfig
 from memstore.interceptors import (
@@ -82,6 +84,18 @@ def ram_cap(config: ServerConfig) -> int | None:
     if config.ram_max_bytes == -1 or config.ram_memmap:
         return None
     return int(0.8 * usable_memory_bytes())
+
+
+def shm_dir(config: ServerConfig) -> Path | None:
+    """Where this daemon's RAM tables live in shared memory: one directory per data dir, so two
+    daemons on one host never meet; "auto" is /dev/shm/memstore-<uid>/<data dir digest>."""
+    if not config.shm_dir:
+        return None
+    root = shm.default_shm_root() if config.shm_dir == "auto" else Path(config.shm_dir)
+    if root is None:
+        return None
+    digest = hashlib.blake2b(str(config.data_path.resolve()).encode(), digest_size=6).hexdigest()
+    return root / digest
 
 
 def usable_memory_bytes() -> int:
@@ -144,7 +158,7 @@ def build_store(config: ServerConfig) -> Store:
         options.update(sync=config.lmdb_sync, map_size=config.lmdb_map_size,
                        max_map_size=config.lmdb_max_map_size or None)
     else:
-        options.update(memmap=config.ram_memmap, max_bytes=ram_cap(config))
+        options.update(memmap=config.ram_memmap, max_bytes=ram_cap(config), shm_dir=shm_dir(config))
     started = time.perf_counter()
     claim_data_dir(config)
     backend = open_backend(config.backend, config.data_path, **options)

@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from memstore import __version__
+from memstore import __version__, shm
 from memstore.errors import InvalidArgument
 from memstore.metrics import Metrics
 from memstore.protocol import CHUNK_BYTES, DTYPE_TO_PB, spec_from_pb, spec_to_pb
@@ -109,6 +109,11 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
 
     async def Snapshot(self, request: pb.SnapshotRequest, context) -> pb.SnapshotResponse:
         return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table, request.tag))
+
+    async def MapTable(self, request: pb.MapTableRequest, context) -> pb.MapTableResponse:
+        spec, path, generation = self.store.map_table(request.table)
+        return pb.MapTableResponse(spec=spec_to_pb(spec), shard_index=spec.shard_index, shard_count=spec.shard_count,
+                                   path=str(path), generation=generation, boot_id=shm.boot_id())
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreResponse:
         path, changed = await self._run(self.store.restore, request.table, request.tag)

@@ -11,12 +11,20 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from memstore.backends.base import Backend, Table
-from memstore.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from memstore.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from memstore.protocol import sum_duplicates
 from memstore.spec import TableSpec
 
@@ -129,6 +137,16 @@ class Store:
             raise InvalidArgument("Restore needs the tag of a checkpoint (SnapshotRequest.tag)")
         path, changed = self.backend.restore_checkpoint(name, tag)
         return str(path), changed
+
+    def map_table(self, name: str) -> tuple[TableSpec, Path, int]:
+        """(spec, directory, generation) of a table that co-located clients may map read-only."""
+        table = self.backend.get(name)
+        shared = getattr(table, "shared", None)
+        if shared is None:
+            raise FailedPrecondition(
+                f"table {name!r} is not in shared memory on this server ({self.backend.name} backend"
+                f"{'' if self.backend.name != 'ram' else ', shm_dir off or ram_memmap on'}): use gRPC lookups")
+        return table.spec, shared.path, shared.generation
 
     def last_seq(self, name: str, client_id: str) -> int | None:
         """The last seq (training step + 1) applied for `client_id` on table `name`."""

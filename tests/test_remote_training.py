@@ -199,7 +199,7 @@ def test_prefetch_overlaps_lookups_with_compute(tmp_path):
 
     def seconds_per_step(prefetch: bool) -> float:
         with in_process(tmp_path / f"slow{prefetch}", fault_lookup_delay_ms=delay_s * 1e3) as server, \
-                ShardedClient([server.target]) as client:
+                ShardedClient([server.target], shared_memory="off") as client:  # a slow server: over gRPC
             model = remote_model(client, "sgd", mode="async")
             data = batches() * 2
             loader = Prefetcher(data, model, depth=2) if prefetch else data

@@ -52,6 +52,7 @@ REQUESTS = {
                               grads=np.ones(2, "<f4").tobytes())],
     "Snapshot": pb.SnapshotRequest(table="t"),
     "Restore": pb.RestoreRequest(table="t", tag="ck"),
+    "MapTable": pb.MapTableRequest(table="t"),
     "Stats": pb.StatsRequest(),
 }
 WRITES = {"CreateTable", "DropTable", "Update", "Restore"}
@@ -286,6 +287,8 @@ def test_read_only_refuses_every_write_and_changes_nothing(tmp_path):
             code, details = call(channel, method, auth)
             if method in WRITES:
                 assert code == grpc.StatusCode.PERMISSION_DENIED and "read-only" in details, (method, code)
+            elif method == "MapTable":  # LMDB tables are not in shared memory: said plainly, not refused as a write
+                assert code == grpc.StatusCode.FAILED_PRECONDITION and "not in shared memory" in details
             else:
                 assert code == OK, (method, code, details)
         assert call(channel, "Update")[0] == grpc.StatusCode.UNAUTHENTICATED  # auth is checked first

@@ -163,7 +163,7 @@ def test_table_names_can_never_be_paths(client, name):
 
 def test_oversized_request_is_refused(tmp_path):
     with in_process(tmp_path / "d", max_rows_per_request=1000) as srv, \
-            MemStoreClient(srv.target, max_ids_per_call=5000) as client:
+            MemStoreClient(srv.target, max_ids_per_call=5000, shared_memory="off") as client:
         client.create_table("t", 10_000, 2)
         with pytest.raises(ResourceExhausted, match="max_rows_per_request=1000"):
             client.lookup("t", np.arange(2000))
@@ -171,7 +171,8 @@ def test_oversized_request_is_refused(tmp_path):
 
 
 def test_wide_rows_hit_the_byte_limit_before_any_work(tmp_path):
-    with in_process(tmp_path / "d", max_request_bytes=1 << 20) as srv, MemStoreClient(srv.target) as client:
+    with in_process(tmp_path / "d", max_request_bytes=1 << 20) as srv, \
+            MemStoreClient(srv.target, shared_memory="off") as client:  # the server's limits: over gRPC
         client.create_table("wide", 100, 65536)  # 256 KiB per float32 row
         with pytest.raises(ResourceExhausted, match="max_request_bytes"):
             client.lookup("wide", np.arange(5))
@@ -206,7 +207,7 @@ def test_token_is_required_except_for_health(tmp_path):
 
 def test_health_reflection_and_metrics(tmp_path):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-    with in_process(tmp_path / "d", metrics_port=0) as srv, MemStoreClient(srv.target) as client:
+    with in_process(tmp_path / "d", metrics_port=0) as srv, MemStoreClient(srv.target, shared_memory="off") as client:
         client.create_table("t", 100, 4)
         client.lookup("t", np.arange(10))
         with grpc.insecure_channel(srv.target) as channel:

@@ -42,11 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore import dtypes, optimizers
+from memstore import dtypes, optimizers, shm
 from memstore.backends.base import Backend, Table, TableUsage
 from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory, Tombstones
 from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
-from memstore.init import init_rows
 from memstore.snapshot import (
     Snapshot,
     SnapshotWriter,
@@ -108,11 +107,12 @@ def _parts(rows: int) -> int:
 
 class RamTable(Table):
     def __init__(self, spec: TableSpec, arrays: _Arrays, dedup: DedupMemory,
-                 memmap_dir: Path | None = None):
+                 memmap_dir: Path | None = None, shared: shm.TableFiles | None = None):
         self.spec = spec
         self._a: _Arrays | None = arrays
         self._dedup = dedup
         self._memmap_dir = memmap_dir
+        self.shared = shared  # the arrays' shared-memory files, when co-located clients may map them
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
         self._initial_state_nonzero = bool(optimizers.initial_state(spec.optimizer, 1, spec.dim).any())
@@ -128,13 +128,9 @@ class RamTable(Table):
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         a = self._a
         self._check_alive()  # after reading _a: release() flags the table before dropping _a
-        fresh = ~np.take(a.materialized, ids, mode="clip")  # read flags BEFORE rows (see module doc)
-        out = np.empty((len(ids), self.spec.dim), self._storage)  # (n, dim)
-        np.take(a.rows, ids, axis=0, out=out, mode="clip")  # mode=clip: no bounds buffer, fastest
+        out, fresh = shm.gather(a.rows, a.materialized, self.spec, ids)  # what co-located clients run too
         if fresh.any():
-            fresh_ids = ids[fresh]
-            out[fresh] = initial = self._initial_stored(fresh_ids)
-            self._try_materialize(fresh_ids, initial)
+            self._try_materialize(ids[fresh], out[fresh])
         return out
 
     def lookup_blocks(self, ids: np.ndarray, rows_per_block: int) -> Iterator[np.ndarray]:
@@ -215,9 +211,7 @@ class RamTable(Table):
         self._a.state[ids] = state
 
     def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
-        """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
-        initial = init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
-        return dtypes.from_float32(initial, self.spec.dtype)
+        return shm.initial_stored(self.spec, local_ids)
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -298,6 +292,8 @@ class RamTable(Table):
         self._a = None  # a lookup already holding the arrays finishes with them
         if self._memmap_dir is not None:
             shutil.rmtree(self._memmap_dir, ignore_errors=True)
+        if self.shared is not None:
+            shm.retire(self.shared)  # clients holding the mapping see it dead before the files go
 
     def _check_alive(self) -> None:
         if self._dropped:
@@ -308,9 +304,14 @@ class RamBackend(Backend):
     name = "ram"
 
     def __init__(self, data_dir: Path, keep_snapshots: int = 2, memmap: bool = False,
-                 max_bytes: int | None = None, keep_checkpoints: int = 3) -> None:
-        """`max_bytes` caps the dense arrays of all tables together (None: no cap)."""
+                 max_bytes: int | None = None, keep_checkpoints: int = 3, shm_dir: Path | None = None) -> None:
+        """`max_bytes` caps the dense arrays of all tables together (None: no cap). `shm_dir`: keep
+        the arrays in files there (a tmpfs) that co-located clients map read-only (`memstore.shm`);
+        `memmap` (files under the data dir, a table may exceed RAM) takes precedence."""
         self.keep_checkpoints = keep_checkpoints
+        self.shm_dir = None if memmap or shm_dir is None else Path(shm_dir)
+        if self.shm_dir is not None:
+            shm.retire_all(self.shm_dir)  # a previous run's files: dead to its clients, then gone
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
         self.data_dir = Path(data_dir)
@@ -347,6 +348,14 @@ class RamBackend(Backend):
                     f"dense: hashed rows touch all of it), but only {(self.max_bytes - used) / 2**30:.2f} GiB of "
                     f"max_bytes={self.max_bytes:,} ({self.max_bytes / 2**30:.2f} GiB) are left; use more shards, "
                     "the lmdb backend, ram_memmap, or raise ram_max_bytes")
+        if self.shm_dir is not None:
+            try:
+                files = shm.create(self.shm_dir, spec)
+            except OSError as exc:  # the tmpfs is full
+                raise ResourceExhausted(f"cannot place table {spec.name!r} ({dense_bytes(spec) / 2**30:.1f} GiB) "
+                                        f"in shared memory under {self.shm_dir}: {exc}") from None
+            arrays = _Arrays(files.rows, files.state, files.materialized)
+            return RamTable(spec, arrays, DedupMemory(), shared=files)
         memmap_dir = self._memmap_dir(spec.name)
         return RamTable(spec, _allocate(spec, memmap_dir), DedupMemory(), memmap_dir)
 

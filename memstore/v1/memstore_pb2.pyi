@@ -227,3 +227,25 @@ class StatsResponse(_message.Message):
     shard_index: int
     shard_count: int
     def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., read_only: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+
+class MapTableRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class MapTableResponse(_message.Message):
+    __slots__ = ("spec", "shard_index", "shard_count", "path", "generation", "boot_id")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    spec: TableSpec
+    shard_index: int
+    shard_count: int
+    path: str
+    generation: int
+    boot_id: str
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...

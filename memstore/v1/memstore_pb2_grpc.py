@@ -79,6 +79,11 @@ class MemStoreStub:
                 request_serializer=memstore_dot_v1_dot_memstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memstore_dot_v1_dot_memstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.MapTable = channel.unary_unary(
+                '/memstore.v1.MemStore/MapTable',
+                request_serializer=memstore_dot_v1_dot_memstore__pb2.MapTableRequest.SerializeToString,
+                response_deserializer=memstore_dot_v1_dot_memstore__pb2.MapTableResponse.FromString,
+                _registered_method=True)
 
 
 class MemStoreServicer:
@@ -143,6 +148,15 @@ class MemStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MapTable(self, request, context):
+        """Same-host data plane: where a RAM table's shared-memory files are, so that a client on the
+        same machine (and user) maps them read-only and gathers rows itself (memstore/shm.py).
+        FAILED_PRECONDITION when the server keeps this table in private memory or on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +204,11 @@ def add_MemStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memstore_dot_v1_dot_memstore__pb2.StatsRequest.FromString,
                     response_serializer=memstore_dot_v1_dot_memstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'MapTable': grpc.unary_unary_rpc_method_handler(
+                    servicer.MapTable,
+                    request_deserializer=memstore_dot_v1_dot_memstore__pb2.MapTableRequest.FromString,
+                    response_serializer=memstore_dot_v1_dot_memstore__pb2.MapTableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +454,33 @@ class MemStore:
             '/memstore.v1.MemStore/Stats',
             memstore_dot_v1_dot_memstore__pb2.StatsRequest.SerializeToString,
             memstore_dot_v1_dot_memstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MapTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memstore.v1.MemStore/MapTable',
+            memstore_dot_v1_dot_memstore__pb2.MapTableRequest.SerializeToString,
+            memstore_dot_v1_dot_memstore__pb2.MapTableResponse.FromString,
             options,
             channel_credentials,
             insecure,
