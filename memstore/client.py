@@ -221,6 +221,8 @@ class MemStoreClient:
 
     def drop_table(self, name: str) -> None:
         self._call(self._stub.DropTable, pb.DropTableRequest(name=name))
+        self._views.pop(name, None)
+        self._update_sender.submit(self._step_order.forget, name).result()  # a new table's steps start over
 
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
         """Snapshot one table or all; with `tag`, a named checkpoint of table `name` (the same tag
@@ -420,9 +422,10 @@ class MemStoreClient:
         acked = self._step_order.acked.get(key)
         if response.applied and acked is not None and response.previous_seq < acked + 1:
             raise FailedPrecondition(
-                f"{self.target} lost steps of table {name!r} that it had acknowledged: it remembers step "
-                f"{int(response.previous_seq) - 1}, this client had step {acked} applied there (a RAM server "
-                "restarted from an older snapshot?). Restore the job from its last checkpoint (restore_tables)")
+                f"{self.target} lost steps of table {name!r} that it had acknowledged: it remembers "
+                f"{f'step {response.previous_seq - 1}' if response.previous_seq else 'no step'}, this client had "
+                f"step {acked} applied there (a RAM server restarted from an older snapshot?). Restore the job "
+                "from its last checkpoint (restore_tables)")
 
     def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,
                        timeout: float | None = None) -> pb.UpdateResponse:

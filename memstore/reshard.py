@@ -39,9 +39,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from memstore.backends.common import MAX_CLIENTS, SNAPSHOTS_DIR, DataDirLock
+from memstore.backends.lmdb_table import LOADED_FROM_KEY
 from memstore.errors import FailedPrecondition, MemStoreError
 from memstore.snapshot import Snapshot, SnapshotWriter, list_snapshots, new_snapshot_path, read_snapshot
 from memstore.spec import TableSpec, check_table_name
@@ -263,6 +265,8 @@ def _check_fresh(config: ReshardConfig, source: Path, snap: Snapshot, log: Log) 
     data_file = source / "tables" / snap.spec.name / "data.mdb"
     if not data_file.exists() or data_file.stat().st_mtime <= datetime.fromisoformat(snap.created).timestamp():
         return
+    if _built_from(data_file.parent) == snap.path.name:  # loaded from this very snapshot, never updated since
+        return
     message = (f"{data_file} changed after snapshot {snap.path}: updates since that snapshot would not be in "
                "the output")
     if config.allow_stale or config.before is not None:
@@ -270,6 +274,22 @@ def _check_fresh(config: ReshardConfig, source: Path, snap: Snapshot, log: Log) 
         return
     raise ReshardError(f"{message}. Stop training, `memstore snapshot` every shard again, then reshard "
                        "(or pass --allow-stale to accept losing them)")
+
+
+def _built_from(table_dir: Path) -> str | None:
+    """The snapshot an LMDB table was built from, if it has not been updated since."""
+    try:
+        env = lmdb.open(str(table_dir), readonly=True, lock=False, max_dbs=8, subdir=True)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+            value = txn.get(LOADED_FROM_KEY)
+        return None if value is None else value.decode()
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
 
 
 def _spec_diff(a: TableSpec, b: TableSpec) -> str:

@@ -37,6 +37,7 @@ from memstore.interceptors import (
 )
 from memstore.metrics import Metrics
 from memstore.servicer import MemStoreServicer, add_to_server
+from memstore.snapshot import fsync_dir
 from memstore.store import ShardLayout, Store
 from memstore.v1 import memstore_pb2 as pb
 
@@ -130,14 +131,20 @@ def enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
 DATA_DIR_IDENTITY = "memstore-data-dir.json"
 
 
-def claim_data_dir(config: ServerConfig) -> None:
+def check_data_dir(config: ServerConfig) -> None:
     """A data dir remembers what it holds (backend, shard layout); a server started on it with
     other settings is refused, instead of serving an empty or stale view of it. A data dir
-    without the record (new, or from an older version) is claimed as it is."""
+    without the record (new, or from an older version) is judged by what is in it: LMDB tables
+    are never opened as a RAM data dir. (A RAM data dir opened by the LMDB backend is the
+    documented conversion: it builds its tables from the snapshots.)"""
     path = config.data_path / DATA_DIR_IDENTITY
-    mine = {"backend": config.backend, "shard_index": config.resolved_shard_index(), "shard_count": config.shard_count}
+    mine = _identity(config)
     if path.exists():
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc}); it says which backend and shard layout the data dir "
+                              "holds: restore it, or delete it to have the next start record it again") from None
         if {k: recorded.get(k) for k in mine} != mine:
             raise ConfigError(
                 f"data dir {config.data_path} holds a {recorded.get('backend')} memstore, shard "
@@ -146,10 +153,28 @@ def claim_data_dir(config: ServerConfig) -> None:
                 "the data dir was created with (--backend, --shard-index, --shard-count), or move to another "
                 "backend or layout offline (copy snapshots/ into a new --data-dir; `memstore reshard`)")
         return
-    config.data_path.mkdir(parents=True, exist_ok=True)
+    tables = config.data_path / "tables"
+    if config.backend == "ram" and tables.is_dir() and any(not p.name.startswith(".") for p in tables.iterdir()):
+        raise ConfigError(f"data dir {config.data_path} holds LMDB tables ({tables}), but this server was started "
+                          "with the ram backend: start it with --backend lmdb")
+
+
+def record_data_dir(config: ServerConfig) -> None:
+    """Write the data dir's identity once a server has opened it with these settings."""
+    path = config.data_path / DATA_DIR_IDENTITY
+    if path.exists():
+        return
     temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps({**mine, "format": 1}) + "\n")
+    with open(temp, "w") as out:
+        out.write(json.dumps({**_identity(config), "format": 1}) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(temp, path)
+    fsync_dir(config.data_path)
+
+
+def _identity(config: ServerConfig) -> dict:
+    return {"backend": config.backend, "shard_index": config.resolved_shard_index(), "shard_count": config.shard_count}
 
 
 def build_store(config: ServerConfig) -> Store:
@@ -160,7 +185,7 @@ def build_store(config: ServerConfig) -> Store:
     else:
         options.update(memmap=config.ram_memmap, max_bytes=ram_cap(config), shm_dir=shm_dir(config))
     started = time.perf_counter()
-    claim_data_dir(config)
+    check_data_dir(config)
     backend = open_backend(config.backend, config.data_path, **options)
     tables = backend.tables()
     log.info("opened %s backend at %s: %d tables restored in %.2fs", config.backend, config.data_path,
@@ -174,6 +199,7 @@ def build_store(config: ServerConfig) -> Store:
                 f"table {spec.name!r} in {config.data_path} was created as shard {spec.shard_index} of "
                 f"{spec.shard_count}, but this server is shard {layout.index} of {layout.count}: start it with "
                 "that layout, or reshard offline (`memstore reshard`)")
+    record_data_dir(config)  # only now: a refused start must not stamp the data dir with its settings
     return Store(backend, layout, max_rows_per_request=config.max_rows_per_request,
                  max_request_bytes=config.max_request_bytes, read_only=config.read_only)
 

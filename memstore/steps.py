@@ -36,6 +36,7 @@ Invariants (each has a test in tests/test_steps.py):
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -64,9 +65,10 @@ def describe(job: str, seq: int, table: str) -> str:
 
 class StepBarrier:
     def __init__(self, store: Store, run: Callable[..., Awaitable], *, max_timeout_s: float = 3600.0,
-                 max_open_steps: int = 64, max_held_bytes: int = 4 << 30):
+                 max_open_steps: int = 64, max_held_bytes: int = 4 << 30, max_world_size: int = 65536):
         self.store, self._run = store, run
         self.max_timeout_s, self.max_open_steps, self.max_held_bytes = max_timeout_s, max_open_steps, max_held_bytes
+        self.max_world_size = max_world_size
         self._open: dict[StepKey, _OpenStep] = {}
         self._applying: dict[StepKey, asyncio.Future] = {}
         self._applied: dict[tuple[str, str], int] = {}
@@ -75,18 +77,30 @@ class StepBarrier:
 
     async def contribute(self, table: str, job: str, seq: int, rank: int, world_size: int, lr: float | None,
                          timeout_s: float, ids: np.ndarray, grads: np.ndarray) -> UpdateResult:
-        """Add rank `rank`'s gradients to the step and wait until the step is applied or dropped."""
-        self._check_header(job, rank, world_size, timeout_s)
+        """Add rank `rank`'s gradients to the step and wait until the step is applied or dropped.
+        A share refused for any reason drops the step at once: the other ranks need not wait."""
+        if not job:
+            raise InvalidArgument("a data-parallel Update (world_size > 1) names its job in client_id")
         key = (table, job, seq)
+        try:
+            result = await self._admit(key, rank, world_size, lr, timeout_s, ids, grads)
+        except (InvalidArgument, ResourceExhausted) as exc:
+            self._fail(key, f"rank {rank}'s share was refused: {exc.message}")
+            raise
+        if result is not None:
+            return result
+        return await asyncio.shield(self._open[key].done if key in self._open else self._applying[key])
+
+    async def _admit(self, key: StepKey, rank: int, world_size: int, lr: float | None, timeout_s: float,
+                     ids: np.ndarray, grads: np.ndarray) -> UpdateResult | None:
+        """Register the share; a result when the step needs no waiting (a retried delivery)."""
+        table, job, seq = key
+        self._check_header(rank, world_size, timeout_s)
         if key not in self._open and key not in self._applying:
             last = await self._run(self.store.last_seq, table, job)
             if last is not None and seq <= last and key not in self._applying:
                 return UpdateResult(False, 0, last)  # applied before (invariant 4)
-        try:
-            await self._run(self.store.validate_update, table, ids, grads)  # a bad share never joins a step
-        except InvalidArgument as exc:
-            self._fail(key, f"rank {rank}'s share was refused: {exc.message}")  # the others need not wait
-            raise
+        await self._run(self.store.validate_update, table, ids, grads)  # a bad share never joins a step
         # No await from here until the contribution is registered: the state cannot move under us.
         if key in self._applying:
             return await self._retried(key)
@@ -99,18 +113,17 @@ class StepBarrier:
         if self._held_bytes + size > self.max_held_bytes:  # invariant 5
             raise ResourceExhausted(
                 f"data-parallel steps waiting for ranks hold {self._held_bytes:,} bytes; this share of {size:,} "
-                f"would pass the server's limit of {self.max_held_bytes:,} (max_request_bytes x 4)")
+                f"would pass the server's limit of {self.max_held_bytes:,} (4 x max_request_bytes): raise "
+                "max_request_bytes, or make steps smaller (more shards)")
         step = self._open.get(key) or self._open_step(key, world_size, lr, timeout_s)
         if (world_size, lr) != (step.world_size, step.lr):
-            error = InvalidArgument(
+            raise InvalidArgument(
                 f"{describe(job, seq, table)}: rank {rank} sends world_size={world_size} lr={lr}, but the step "
                 f"was opened with world_size={step.world_size} lr={step.lr}; every rank must agree")
-            self._fail(key, f"rank {rank}'s share was refused: {error.message}")
-            raise error
         self._hold(step, rank, (ids, grads))
         if len(step.parts) == step.world_size:
             self._complete(key)
-        return await asyncio.shield(step.done)
+        return None
 
     def _hold(self, step: _OpenStep, rank: int, share: tuple[np.ndarray, np.ndarray]) -> None:
         """Keep `rank`'s share; a retry replaces it (the same data, or a restarted rank's new one)."""
@@ -121,9 +134,9 @@ class StepBarrier:
     def _release(self, step: _OpenStep) -> None:
         self._held_bytes -= sum(i.nbytes + g.nbytes for i, g in step.parts.values())
 
-    def _check_header(self, job: str, rank: int, world_size: int, timeout_s: float) -> None:
-        if not job:
-            raise InvalidArgument("a data-parallel Update (world_size > 1) names its job in client_id")
+    def _check_header(self, rank: int, world_size: int, timeout_s: float) -> None:
+        if world_size > self.max_world_size:
+            raise InvalidArgument(f"world_size {world_size} is above the server's max_world_size={self.max_world_size}")
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank {rank} is outside [0, world_size={world_size})")
         if not 0 < timeout_s <= self.max_timeout_s:
@@ -174,19 +187,22 @@ class StepBarrier:
         step = self._open.get(key)
         if step is None:
             return
-        missing = sorted(set(range(step.world_size)) - set(step.parts))
-        shown = f"{missing[:20]}" + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        missing = (r for r in range(step.world_size) if r not in step.parts)  # lazily: world_size may be large
+        first = list(itertools.islice(missing, 20))
+        count = step.world_size - len(step.parts)
+        shown = f"{first}" + (f" and {count - len(first)} more" if count > len(first) else "")
         self._fail(key, f"rank(s) {shown} of {step.world_size} sent nothing within {step.timeout_s:g} s")
 
     def _fail(self, key: StepKey, why: str) -> None:
-        """Drop an open step: nothing of it is applied, every waiting rank hears why (invariant 3),
-        and later shares of it are refused (invariant 2)."""
-        step = self._open.pop(key, None)
-        if step is None:
-            return
+        """Drop a step, open or not yet opened: nothing of it is applied, every waiting rank hears
+        why (invariant 3), and later shares of it are refused (invariant 2)."""
+        if key in self._applying or key[2] <= self._applied.get(key[:2], 0):
+            return  # complete already: its fate is the apply's
         table, job, seq = key
-        step.timer.cancel()
-        self._release(step)
+        step = self._open.pop(key, None)
+        if step is not None:
+            step.timer.cancel()
+            self._release(step)
         reason = (f"{describe(job, seq, table)} was dropped: {why}; nothing of this step was applied on this "
                   "shard. If a rank died, restart the job from its last checkpoint (engram_client.restore_tables); "
                   "if none did, check that every rank uses the same job name, world_size and lr")
@@ -194,7 +210,8 @@ class StepBarrier:
         dropped[seq] = reason
         while len(dropped) > _DROPPED_KEPT:
             del dropped[next(iter(dropped))]
-        step.done.set_exception(Aborted(reason))
+        if step is not None:
+            step.done.set_exception(Aborted(reason))
 
     def forget_table(self, table: str, why: str) -> None:
         """The table was dropped or rolled back: its open steps end (ABORTED), its memory goes."""

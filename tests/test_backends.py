@@ -516,7 +516,7 @@ def test_lmdb_restore_killed_midway_is_never_opened_as_complete(tmp_path: Path) 
     crashed = subprocess.run([sys.executable, "-c", _CRASHING_RESTORE, str(tmp_path)], check=False)
     assert crashed.returncode == 9
     leftovers = os.listdir(tmp_path / "tables")
-    assert len(leftovers) == 1 and leftovers[0].startswith(".restore-emb-")  # the half table, hidden
+    assert len(leftovers) == 1 and leftovers[0].startswith(".restore-loading-emb-")  # the half table, hidden
 
     backend = open_backend("lmdb", tmp_path)
     assert os.listdir(tmp_path / "tables") == ["emb"]
@@ -580,3 +580,17 @@ def test_lmdb_lookups_racing_a_restore_always_find_the_table(tmp_path):
     reader.join()
     backend.close()
     assert errors == []
+
+
+def test_lmdb_a_crashed_restore_of_a_table_named_like_a_temp_dir_kind_replaces_nothing(tmp_path):
+    """A table named "old-t": its restore's loading dir must never pass for "t"'s old copy."""
+    from memstore.backends.lmdbstore import LmdbBackend
+    backend = _lmdb_with_checkpoint(tmp_path)                                  # table "t", row 1 = -2
+    backend.create_table(TableSpec("old-t", 8, 2, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd", 1.0)))
+    backend.checkpoint_table("old-t", "a")
+    backend._load_temp(read_snapshot(backend._checkpoints().find("old-t", "a")))  # then the crash
+    backend.close()
+    backend = LmdbBackend(tmp_path)
+    assert backend.get("t").lookup(np.array([1]))[0, 0] == -2.0
+    assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == ["old-t", "t"]
+    backend.close()

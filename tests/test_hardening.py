@@ -287,3 +287,21 @@ def test_server_reflection_answers_v1_and_v1alpha(tmp_path, version):
         answer = next(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
         names = {s.name for s in answer.list_services_response.service}
     assert {"memstore.v1.MemStore", "grpc.reflection.v1.ServerReflection"} <= names
+
+
+def test_a_data_dir_from_an_older_version_is_judged_by_its_contents(tmp_path):
+    """No identity record yet: LMDB tables are not opened as RAM, and a refused start does not
+    stamp the dir with its wrong settings (the right start still works)."""
+    from memstore.config import ConfigError
+    from memstore.server import DATA_DIR_IDENTITY
+    with in_process(tmp_path / "d", "lmdb") as server:
+        MemStoreClient(server.target).create_table("t", 4, 2)
+    (tmp_path / "d" / DATA_DIR_IDENTITY).unlink()  # as an older version left it
+    with pytest.raises(ConfigError, match="holds LMDB tables"):
+        in_process(tmp_path / "d", "ram").start()
+    with pytest.raises(ConfigError, match="created as shard 0 of 1"):
+        in_process(tmp_path / "d", "lmdb", shard_index="1", shard_count=2).start()
+    assert not (tmp_path / "d" / DATA_DIR_IDENTITY).exists()
+    with in_process(tmp_path / "d", "lmdb") as server:
+        assert [t.spec.name for t in MemStoreClient(server.target).list_tables()] == ["t"]
+    assert (tmp_path / "d" / DATA_DIR_IDENTITY).exists()

@@ -303,3 +303,15 @@ def test_command_line(tmp_path, capsys):
     assert "emb: writing shard 1" in out.err  # progress
     assert cli.main(argv) == 1  # the output dir is no longer empty
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_lmdb_tables_built_by_reshard_are_not_stale_inputs(tmp_path):
+    """Tables `reshard --backend lmdb` builds are newer files than their snapshots, but hold
+    exactly them: resharding them again (unchanged) must not be refused."""
+    sources = trained_cluster(tmp_path, 2, make_spec())
+    reshard(config(sources, tmp_path / "lmdb", 3, backend="lmdb"))
+    time.sleep(0.05)  # file times tick coarsely
+    again = [tmp_path / "lmdb" / f"shard-{j}" for j in range(3)]
+    reshard(config(again, tmp_path / "back", 2))  # no ReshardError
+    stores = open_shards([tmp_path / "back" / f"shard-{j}" for j in range(2)])
+    np.testing.assert_array_equal(lookup_all(stores, "emb"), lookup_all(open_shards(sources), "emb"))

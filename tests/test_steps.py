@@ -129,6 +129,18 @@ def test_a_restarted_rank_withdraws_its_old_share(store):
     assert store.lookup("t", np.array([0]))[0, 0] == -2.0  # the mean of the new shares only
 
 
+def test_a_refused_first_share_drops_the_step_for_the_ranks_after_it(store):
+    async def body(barrier):
+        ids, grads = part([1], np.nan)
+        with pytest.raises(InvalidArgument, match="NaN"):
+            await barrier.contribute("t", "job", 1, 1, 2, None, 5.0, ids, grads)
+        with pytest.raises(Aborted, match="rank 1's share was refused"):  # at once, not after 5 s
+            await asyncio.wait_for(contribute(barrier, 0, timeout_s=5.0), 1.0)
+        with pytest.raises(InvalidArgument, match="max_world_size"):
+            await contribute(barrier, 0, seq=2, world_size=10**9)
+    with_barrier(store, body)
+
+
 def test_ranks_must_agree(store):
     async def body(barrier):
         first = asyncio.ensure_future(contribute(barrier, 0, timeout_s=0.3))

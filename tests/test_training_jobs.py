@@ -323,3 +323,13 @@ def test_steps_lost_by_a_ram_restart_raise(tmp_path):
         with pytest.raises(StepFailed, match="lost steps"):
             run_steps(model, batches()[3:6], torch.optim.SGD(dense_params(model), lr=0.1))
             model.engram.tables.flush()
+
+
+def test_a_dropped_and_recreated_table_trains_from_step_0_again(tmp_path):
+    with memstore_cluster(tmp_path, 2) as client:
+        for _ in range(2):
+            client.create_table("t", 10, 2, init="zeros", optimizer="sgd", lr=1.0)
+            for step in range(3):
+                client.update("t", [0, 1], np.ones((2, 2)), step=step)
+            np.testing.assert_array_equal(client.lookup("t", [0, 1]), -3 * np.ones((2, 2)))
+            client.drop_table("t")

@@ -33,6 +33,7 @@ log = logging.getLogger("memstore.backends.lmdb")
 
 SNAPSHOT_CHUNK_ROWS = 1 << 16  # rows per step when streaming a snapshot out or in
 SPEC_KEY = b"spec"
+LOADED_FROM_KEY = b"loaded_from"  # meta: the snapshot a table was built from, until its first update
 _DEDUP_VALUE = struct.Struct(">QQ")  # last seq, age
 _AGE_KEY = struct.Struct(">Q")
 _PER_ROW_OVERHEAD = 64  # bytes: key, node header, B-tree slack (used only to pre-grow the map)
@@ -109,6 +110,7 @@ class LmdbTable(Table):
         self._state_db = env.open_db(b"state")
         self._dedup_db = env.open_db(b"dedup")
         self._age_db = env.open_db(b"dedup_age")
+        self._meta_db = env.open_db(b"meta")
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
         self._gate = _Gate()
@@ -158,6 +160,7 @@ class LmdbTable(Table):
             txn.cursor(db=self._state_db).putmulti(zip(keys, row_values(state)))
         if client_id:
             self._record_seq(txn, client_id, seq)
+        txn.delete(LOADED_FROM_KEY, db=self._meta_db)  # no longer the snapshot it was built from
         return True
 
     def _write(self, rows: int, body: Callable[[lmdb.Transaction], bool]) -> bool:
@@ -212,6 +215,7 @@ class LmdbTable(Table):
                 chunk = (local_ids[part], snapshot.rows[part], snapshot.state[part])
                 self._write(len(chunk[0]), lambda txn, chunk=chunk: self._append_chunk(txn, *chunk))
             self._write(0, lambda txn: self._load_dedup(txn, snapshot.dedup))
+            self._write(0, lambda txn: txn.put(LOADED_FROM_KEY, snapshot.path.name.encode(), db=self._meta_db))
         return len(local_ids)
 
     def _check_empty(self) -> None:

@@ -59,9 +59,12 @@ from memstore.spec import TableSpec
 log = logging.getLogger("memstore.backends.lmdb")
 
 TABLES_DIR = "tables"
-_RESTORE_PREFIX = ".restore-"  # tables/.restore-<name>-<id>: a restore in progress (names start alnum)
-_READY = f"{_RESTORE_PREFIX}ready-"  # loaded and synced: to be installed by a checkpoint restore
-_OLD = f"{_RESTORE_PREFIX}old-"      # the table a checkpoint restore is replacing
+# tables/.restore-<kind>-<name>-<id>: a restore in progress. The kind comes first, so no table
+# name (they start alphanumeric) can make one kind's directory look like another's.
+_RESTORE_PREFIX = ".restore-"
+_LOADING = f"{_RESTORE_PREFIX}loading-"  # being loaded: removed at the next start
+_READY = f"{_RESTORE_PREFIX}ready-"      # loaded and synced: to be installed by a checkpoint restore
+_OLD = f"{_RESTORE_PREFIX}old-"          # the table a checkpoint restore is replacing
 
 
 
@@ -165,7 +168,7 @@ class LmdbBackend(Backend):
         for prefix in (_READY, _OLD):  # a ready copy is the newer state: it wins
             for path in sorted(tables_dir.glob(f"{prefix}*")):
                 name = path.name[len(prefix):].rsplit("-", 1)[0]
-                if not (tables_dir / name).exists():
+                if not (tables_dir / name).exists() and self._holds_table(path, name):
                     log.warning("completing an interrupted restore of table %r from %s", name, path)
                     os.rename(path, tables_dir / name)
         for path in sorted(tables_dir.glob(f"{_RESTORE_PREFIX}*")):
@@ -173,10 +176,25 @@ class LmdbBackend(Backend):
             shutil.rmtree(path)
         fsync_dir(tables_dir)
 
+    def _holds_table(self, path: Path, name: str) -> bool:
+        """Whether `path` is a complete LMDB table named `name` (its committed spec says so)."""
+        try:
+            env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8, subdir=True)
+        except lmdb.Error:
+            return False
+        try:
+            with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+                raw = txn.get(SPEC_KEY)
+            return raw is not None and TableSpec.from_dict(msgpack.unpackb(raw)).name == name
+        except (lmdb.Error, ValueError, KeyError):
+            return False
+        finally:
+            env.close()
+
     def _load_temp(self, snapshot: Snapshot) -> Path:
         """Load `snapshot` into `tables/.restore-<name>-<id>/` with unsynced commits, fsynced
         once at the end. A crash mid-load leaves a temp dir that the next start deletes."""
-        temp = self.data_dir / TABLES_DIR / f"{_RESTORE_PREFIX}{snapshot.spec.name}-{uuid.uuid4().hex[:8]}"
+        temp = self.data_dir / TABLES_DIR / f"{_LOADING}{snapshot.spec.name}-{uuid.uuid4().hex[:8]}"
         try:
             table = self._new_table(temp, snapshot.spec, sync=False)
             try:

@@ -319,6 +319,7 @@ class RamBackend(Backend):
         self.keep_snapshots, self.memmap, self.max_bytes = keep_snapshots, memmap, max_bytes
         self._tables: dict[str, RamTable] = {}
         self._admin = threading.Lock()  # create / drop / close
+        self._snapshot_locks: dict[str, threading.Lock] = {}  # per table: one snapshot numbered and written at a time
         shutil.rmtree(self.data_dir / MEMMAP_DIR, ignore_errors=True)  # scratch from a previous run
         self._tombstones = Tombstones(self.data_dir)
         self._tombstones.finish()
@@ -392,8 +393,9 @@ class RamBackend(Backend):
     def snapshot(self, name: str) -> Path:
         table = self.get(name)
         table_dir = self._snapshots_dir(name)
-        path = table.snapshot(new_snapshot_path(table_dir))
-        prune_snapshots(table_dir, self.keep_snapshots)
+        with self._snapshot_locks.setdefault(name, threading.Lock()):  # numbers are taken in write order
+            path = table.snapshot(new_snapshot_path(table_dir))
+            prune_snapshots(table_dir, self.keep_snapshots)
         return path
 
     def checkpoint(self) -> None:
