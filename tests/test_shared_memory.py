@@ -1,0 +1,144 @@
+"""Same-host data plane: a client on the daemon's host maps RAM tables read-only and gathers rows
+itself (memstore/shm.py). Whatever happens to the table, those rows equal what gRPC returns."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memstore.client import MemStoreClient
+from memstore.errors import FailedPrecondition, Unauthenticated
+from tests.servers import ServeProcess, in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(7)
+
+
+def pair(target: str, **kwargs) -> tuple[MemStoreClient, MemStoreClient]:
+    return MemStoreClient(target, shared_memory="on", **kwargs), MemStoreClient(target, shared_memory="off", **kwargs)
+
+
+def assert_same(shared: MemStoreClient, grpc_client: MemStoreClient, name: str, ids: np.ndarray) -> None:
+    np.testing.assert_array_equal(shared.lookup(name, ids), grpc_client.lookup(name, ids))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shared_lookups_equal_grpc_lookups_through_updates(tmp_path, dtype):
+    with in_process(tmp_path / "d") as server:
+        shared, plain = pair(server.target)
+        shared.create_table("t", 5000, 16, dtype=dtype, optimizer="adagrad", lr=0.1)
+        ids = RNG.integers(0, 5000, 3000)
+        assert_same(shared, plain, "t", ids)                      # never-written rows: initial values
+        for step in range(3):
+            shared.update("t", ids[:1000], RNG.standard_normal((1000, 16)).astype(np.float32), step=step)
+            assert_same(shared, plain, "t", ids)
+        assert shared._views["t"] is not None                      # it really went through the mapping
+
+
+def test_drop_recreate_and_restore_never_serve_rows_of_the_old_table(tmp_path):
+    with in_process(tmp_path / "d") as server:
+        shared, plain = pair(server.target)
+        shared.create_table("t", 100, 4, init="zeros", optimizer="sgd", lr=1.0)
+        shared.update("t", [1], np.ones((1, 4)))
+        old_view = shared._view("t")
+        shared.snapshot("t", tag="ck")
+        plain.drop_table("t")                                      # by another client: this one is not told
+        plain.create_table("t", 100, 8, init="uniform", init_scale=0.5)
+        assert shared.lookup("t", np.arange(10)).shape == (10, 8)
+        assert_same(shared, plain, "t", np.arange(100))
+        assert shared._view("t") is not old_view                   # the stale mapping was replaced
+        plain.drop_table("t")
+        plain.create_table("t", 100, 4, init="zeros", optimizer="sgd", lr=1.0)
+        plain.update("t", [2], np.ones((1, 4)))
+        plain.snapshot("t", tag="ck2")
+        plain.update("t", [2], np.ones((1, 4)))
+        plain.restore("t", "ck2")                                  # in place: the mapping stays valid
+        assert_same(shared, plain, "t", np.arange(100))
+        assert shared.lookup("t", [2])[0, 0] == -1.0
+
+
+@pytest.mark.subprocess
+def test_a_daemon_restart_is_followed(tmp_path):
+    with ServeProcess(tmp_path / "d", "ram") as daemon:
+        shared, plain = pair(daemon.target)
+        shared.create_table("t", 100, 4, init="zeros", optimizer="sgd", lr=1.0)
+        shared.update("t", [3], np.ones((1, 4)))
+        assert shared.lookup("t", [3])[0, 0] == -1.0
+        daemon.stop()                                              # SIGTERM: snapshot, files retired
+        daemon.restart()
+        plain.retry_timeout_s = shared.retry_timeout_s = 30
+        assert_same(shared, plain, "t", np.arange(100))
+        assert shared.lookup("t", [3])[0, 0] == -1.0
+
+
+def test_lookups_racing_updates_see_each_element_old_or_new(tmp_path):
+    """The RAM backend's documented behaviour, for shared-memory readers too."""
+    with in_process(tmp_path / "d") as server:
+        shared, plain = pair(server.target)
+        shared.create_table("t", 20_000, 8, init="zeros", optimizer="sgd", lr=1.0)
+        ids = np.arange(20_000)
+        stop, seen = threading.Event(), []
+
+        def read() -> None:
+            while not stop.is_set():
+                seen.append(shared.lookup("t", ids))
+        reader = threading.Thread(target=read)
+        reader.start()
+        for _ in range(20):
+            plain.update("t", ids, np.ones((20_000, 8), np.float32))
+        stop.set()
+        reader.join()
+        assert seen and all(np.all((rows <= 0) & (rows >= -20) & (rows == np.round(rows))) for rows in seen)
+        assert_same(shared, plain, "t", ids)
+
+
+READER = """
+import sys, numpy as np
+from memstore.client import MemStoreClient
+shared, plain = (MemStoreClient(sys.argv[1], shared_memory=m) for m in ("on", "off"))
+ids = np.random.default_rng(int(sys.argv[2])).integers(0, 50_000, 20_000)
+for _ in range(20):
+    assert np.array_equal(shared.lookup("t", ids), plain.lookup("t", ids))
+print("ok")
+"""
+
+
+@pytest.mark.subprocess
+def test_four_client_processes_read_one_table_at_once(tmp_path):
+    with in_process(tmp_path / "d") as server:
+        MemStoreClient(server.target).create_table("t", 50_000, 16)
+        readers = [subprocess.Popen([sys.executable, "-c", READER, server.target, str(i)], cwd=ROOT,
+                                    stdout=subprocess.PIPE, text=True) for i in range(4)]
+        outputs = [r.communicate(timeout=120)[0].strip() for r in readers]
+    assert outputs == ["ok"] * 4
+
+
+def test_a_client_without_the_token_maps_nothing(tmp_path):
+    with in_process(tmp_path / "d", token="s3cret") as server:
+        MemStoreClient(server.target, token="s3cret").create_table("t", 10, 2)
+        intruder = MemStoreClient(server.target, retry_timeout_s=0)  # shared_memory="auto"
+        with pytest.raises(Unauthenticated):
+            intruder.lookup("t", [1])
+        assert "t" not in intruder._views
+
+
+def test_on_fails_clearly_where_tables_are_not_in_shared_memory(tmp_path):
+    with in_process(tmp_path / "d", "lmdb") as server:
+        client = MemStoreClient(server.target, shared_memory="on")
+        client.create_table("t", 10, 2)
+        with pytest.raises(FailedPrecondition, match="shared_memory='on' but .* not in shared memory"):
+            client.lookup("t", [1])
+        assert MemStoreClient(server.target).lookup("t", [1]).shape == (1, 2)  # auto: gRPC, silently
+
+
+def test_shared_memory_files_are_private_to_the_daemons_user(tmp_path):
+    with in_process(tmp_path / "d") as server:
+        client = MemStoreClient(server.target, shared_memory="on")
+        client.create_table("t", 10, 2)
+        client.lookup("t", [1])
+        directory = client._views["t"].files.path
+        assert directory.stat().st_mode & 0o777 == 0o700
