@@ -23,7 +23,7 @@ from bench.procs import MemstoreServer
 from bench.report import Section, rate
 from bench.tables import preload, random_rows, value_spec
 from bench.timing import ZipfIds
-from engram_client.memstore_client import MemStoreClient
+from memstore.client import MemStoreClient
 from memstore.dtypes import storage_dtype
 
 TABLE = "cache"
@@ -79,7 +79,7 @@ def run(cfg: BenchConfig, work: Path) -> Section:
     stack.callback(torch.set_num_threads, threads_before)
     with stack:
         server = stack.enter_context(MemstoreServer(work / "ram", "ram"))
-        client = stack.enter_context(MemStoreClient(server.target))
+        client = stack.enter_context(MemStoreClient(server.target, shared_memory="off"))
         variants = {"no cache": CachedLookup(client, None, cfg.dim)}
         for fraction in cfg.cache_fractions:
             cache = RowCache(int(fraction * table_bytes), cfg.dim, torch_dtype)

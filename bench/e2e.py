@@ -9,6 +9,8 @@ Variants, each its own model from the same seed, trained on the same batches:
                        row-wise Adam), `Prefetcher(depth=2)`: lookups of step k+1 overlap step k,
                        every lookup sees every earlier update (exactly local training).
 - memstore+prefetch (async): the same with rows at most one step stale.
+- memstore same-host+prefetch (sync|async): the same server, its table mapped read-only by the
+                       trainer (`shared_memory="on"`): rows gathered here, updates over gRPC.
 - 2 ranks (`bench.e2e_ranks`): data-parallel, DDP with local tables vs a memstore job of 2 ranks.
 Rounds interleave the variants (each runs `e2e_steps` steps per round; the first 2 steps of a
 round, pipeline start-up, are dropped), so load from the neighbours hits all of them alike.
@@ -35,11 +37,11 @@ from bench.timing import ZipfIds
 from engram_client.block import EngramBlock
 from engram_client.config import EngramConfig
 from engram_client.hashing import NgramHasher
-from engram_client.memstore_client import MemStoreClient
 from engram_client.optim import RowwiseAdam
 from engram_client.prefetch import Prefetcher
 from engram_client.remote import MemStoreTables, RemoteTables
 from engram_client.tables import LocalTables
+from memstore.client import MemStoreClient
 from memstore.spec import InitSpec
 
 WARMUP_STEPS = 2   # per round: the prefetch pipeline fills, allocators settle
@@ -123,23 +125,26 @@ def run(cfg: BenchConfig, work: Path) -> Section:
                              f"B={cfg.e2e_batch}) with an "
                              f"Engram layer of {rows:,} rows x {dim} fp32")
     torch.manual_seed(cfg.seed)
-    modes = {"memstore+prefetch (sync)": "sync", "memstore+prefetch (async)": "async"}
+    remotes = {  # name → (consistency mode, rows over the same-host mapping or gRPC)
+        "memstore+prefetch (sync)": ("sync", "off"), "memstore+prefetch (async)": ("async", "off"),
+        "memstore same-host+prefetch (sync)": ("sync", "on"), "memstore same-host+prefetch (async)": ("async", "on")}
     init = InitSpec("normal", 0.02, 0)  # what MemStoreTables creates: the server then finds it as is
-    specs = [optimizer_spec(f"e2e_{mode}", rows, dim, "float32", "adam", TABLE_LR, init)
-             for mode in modes.values()]
+    specs = [optimizer_spec(f"e2e_{mode}_{shared}", rows, dim, "float32", "adam", TABLE_LR, init)
+             for mode, shared in remotes.values()]
     preload(work / "ram", "ram", [(spec, None) for spec in specs])
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(MemstoreServer(work / "ram", "ram"))
-        client = stack.enter_context(MemStoreClient(server.target))
+        clients = {shared: stack.enter_context(MemStoreClient(server.target, shared_memory=shared))
+                   for shared in ("off", "on")}
         cores = len(os.sched_getaffinity(0))
         threads = max(1, cores - 1)  # one core for the client's and the server's threads
         local = lambda: LocalTables(rows, dim, sparse=True, init_std=0.02)
         variants = [Variant(LOCAL, local(), shape, hasher, threads)]
         if threads < cores:
             variants.append(Variant(f"local, {cores} threads", local(), shape, hasher, cores))
-        for name, mode in modes.items():
-            tables = MemStoreTables(client, f"e2e_{mode}", rows, dim, dtype="float32", optimizer="adam",
-                                    lr=TABLE_LR, init="normal", init_scale=0.02, seed=0, mode=mode)
+        for name, (mode, shared) in remotes.items():
+            tables = MemStoreTables(clients[shared], f"e2e_{mode}_{shared}", rows, dim, dtype="float32",
+                                    optimizer="adam", lr=TABLE_LR, init="normal", init_scale=0.02, seed=0, mode=mode)
             variants.append(Variant(name, tables, shape, hasher, threads, server.pid))
         zipf = ZipfIds(shape.vocab_size, cfg.zipf_s, cfg.seed)
         threads_before = torch.get_num_threads()

@@ -80,7 +80,7 @@ def _rank_main() -> None:
     if args.variant == "local":
         tables = LocalTables(rows, dim, sparse=False, init_std=0.02)
     else:
-        client = ShardedClient(args.target)
+        client = ShardedClient(args.target, shared_memory="off")  # over gRPC, as the 1-rank rows it sits beside
         tables = MemStoreTables(client, f"e2e_ranks_{args.variant}", rows, dim, optimizer="adam", lr=TABLE_LR,
                                 mode=args.variant, job=args.job, rank=rank, world_size=WORLD)
     torch.manual_seed(args.seed)

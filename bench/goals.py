@@ -1,7 +1,7 @@
 """The issue's goals (64k ids, dim 64, fp16, uniform ids), checked against this run's measurements."""
 from __future__ import annotations
 
-from bench.lookup import LMDB, NUMPY, RAM, REDIS
+from bench.lookup import LMDB, NUMPY, RAM, RAM_SAME_HOST, REDIS
 from bench.report import Goal, Section
 
 GOAL_SIZE, GOAL_DTYPE = 65536, "float16"
@@ -24,7 +24,7 @@ def _goal(what: str, target: str, value: float | None, ok) -> Goal:
 
 
 def evaluate_goals(sections: list[Section]) -> list[Goal]:
-    ram, lmdb, numpy, redis = (_lookup_rate(sections, s) for s in (RAM, LMDB, NUMPY, REDIS))
+    ram, lmdb, numpy, redis, same_host = (_lookup_rate(sections, s) for s in (RAM, LMDB, NUMPY, REDIS, RAM_SAME_HOST))
     step_ratio = next((r["ratio_mean"] for s in sections if s.name == "e2e" for r in s.records
                        if r.get("variant") == "memstore+prefetch (sync)"), None)
     return [
@@ -33,4 +33,7 @@ def evaluate_goals(sections: list[Section]) -> list[Goal]:
         _goal("RAM lookup / Redis MGET (64k fp16)", ">= 10", _ratio(ram, redis), lambda v: v >= 10),
         _goal("LMDB lookup / Redis MGET (64k fp16)", ">= 1.5", _ratio(lmdb, redis), lambda v: v >= 1.5),
         _goal("train step time memstore+prefetch / local", "<= 1.03", step_ratio, lambda v: v <= 1.03),
+        _goal("same-host lookup / numpy gather limit (64k fp16)", ">= 0.5", _ratio(same_host, numpy),
+              lambda v: v >= 0.5),
+        _goal("same-host lookup / Redis MGET (64k fp16)", ">= 30", _ratio(same_host, redis), lambda v: v >= 30),
     ]

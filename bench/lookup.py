@@ -3,6 +3,8 @@
 Systems, all reading the same rows (checked before timing):
 - numpy gather   `np.take(table, ids, out=buf, mode="clip")` in this process: the memory limit.
 - memstore ram   `MemStoreClient.lookup` over loopback gRPC to a `memstore serve --backend ram`.
+- memstore ram same-host  the same server's table mapped read-only by this process
+                 (`shared_memory="on"`, memstore/shm.py): the gather runs here, no RPC.
 - memstore lmdb  the same against `--backend lmdb` (page cache warm: the file was just written).
 - redis MGET     one MGET of all ids from a local redis-server (hiredis parser), decoded to an array.
 - lmdb get loop  py-lmdb in this process: one read txn, `txn.get` per id in request order.
@@ -34,10 +36,11 @@ from bench.tables import (
     write_raw_lmdb,
 )
 from bench.timing import Measurement, id_batches, side_by_side
-from engram_client.memstore_client import MemStoreClient
+from memstore.client import MemStoreClient
 from memstore.dtypes import storage_dtype
 
 NUMPY, RAM, LMDB = "numpy gather", "memstore ram", "memstore lmdb"
+RAM_SAME_HOST = "memstore ram same-host"
 REDIS, RAW_LMDB = "redis MGET", "lmdb get loop"
 PROFILE_SIZE, PROFILE_SECONDS = 65536, 8.0  # --profile: ids per lookup, seconds per system
 IDS_PER_SETTING = 1 << 21  # ids generated per setting: small batches rotate through many (cold caches)
@@ -77,9 +80,13 @@ def start_systems(stack: contextlib.ExitStack, cfg: BenchConfig, tables: dict[st
     for backend, label in (("ram", RAM), ("lmdb", LMDB)):
         server = stack.enter_context(MemstoreServer(work / f"lookup-{backend}", backend))
         pids[label] = server.pid
-        client = stack.enter_context(MemStoreClient(server.target))
+        client = stack.enter_context(MemStoreClient(server.target, shared_memory="off"))
         for d in cfg.dtypes:
             systems[d][label] = partial(client.lookup, table_name(d))
+        if backend == "ram":
+            mapped = stack.enter_context(MemStoreClient(server.target, shared_memory="on"))
+            for d in cfg.dtypes:
+                systems[d][RAM_SAME_HOST] = partial(mapped.lookup, table_name(d))
     redis_path, redis_missing = find_redis()
     if redis_path:
         redis = stack.enter_context(RedisServer(redis_path, work / "redis"))

@@ -20,7 +20,7 @@ from bench.procs import MemstoreServer
 from bench.report import Section, rate, spread
 from bench.tables import NORMAL, optimizer_spec, preload
 from bench.timing import Measurement, side_by_side
-from engram_client.memstore_client import MemStoreClient
+from memstore.client import MemStoreClient
 
 SERVERS = {"ram": ("ram", ()), "lmdb (sync)": ("lmdb", ()),
            "lmdb (no sync)": ("lmdb", ("--lmdb-sync", "false"))}

@@ -156,8 +156,8 @@ def _connect(args: argparse.Namespace, daemon: MemstoreDaemon | None):
     """Start the daemon if there is one and open a client (None for local tables)."""
     if args.tables == "local":
         return None
-    from engram_client.memstore_client import MemStoreClient
     from engram_client.sharded import ShardedClient
+    from memstore.client import MemStoreClient
 
     if daemon is not None:
         daemon.start()
