@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("memstore")
     g.add_argument("--memstore", default=None, metavar="HOST:PORT,...",
                    help="use these running shards (in shard-index order) instead of starting a daemon")
-    g.add_argument("--backend", choices=("lmdb", "ram"), default="lmdb", help="backend of the started daemon")
+    g.add_argument("--backend", choices=("ram", "lmdb"), default="ram",
+                   help="backend of the started daemon (ram: the trainer maps its table from shared memory)")
     g.add_argument("--lmdb-sync", choices=("true", "false"), default="false",
                    help="fsync every update commit (off by default: the demo's data dir is thrown away)")
     g.add_argument("--keep-data", action="store_true", help="keep the daemon's data dir in the run folder")
@@ -263,7 +264,8 @@ def _memstore_stats(client, table_name: str) -> dict | None:
              "rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
              "lookups": info.lookups, "updates": info.updates}
     return {"backend": responses[0].backend, "version": responses[0].version, "shards": len(responses),
-            "tables": [table], "counters": counters}
+            "tables": [table], "counters": counters,
+            "rows_path": "shared memory" if table_name in client.shared_tables() else "gRPC"}
 
 
 def _server_desc(args, daemon) -> str:

@@ -40,10 +40,12 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
 def memstore_rows(metrics: dict) -> list[tuple[str, str]]:
     """(name, description) of the memstore table and of the hash collisions."""
     out = []
-    for t in (metrics.get("memstore") or {}).get("tables", []):
+    memstore = metrics.get("memstore") or {}
+    for t in memstore.get("tables", []):
         usage = (f"{t['num_rows']:,} rows x {t['dim']} {t['dtype']}, {t['optimizer']}; "
                  f"{t['rows_materialized']:,} rows materialised, {t['bytes_used'] / 2**20:.1f} MiB; "
-                 f"{t['lookups']:,} lookups, {t['updates']:,} updates")
+                 f"rows read through {memstore.get('rows_path', 'gRPC')} ({t['lookups']:,} gRPC lookups), "
+                 f"{t['updates']:,} updates")
         out.append((f"table {t['name']}", usage))
     for order, c in sorted(metrics.get("collisions", {}).get("by_order", {}).items()):
         seen = (f"{c['distinct_ngrams']:,} distinct n-grams; {100 * c['collision_rate_per_head']:.1f}% share "

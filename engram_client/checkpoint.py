@@ -1,6 +1,6 @@
 """Checkpoint and resume the remote tables of a model, and drive their learning rate.
 
-A model checkpoint at step s must pair with the tables at step s on every shard. 
+A model checkpoint at step s must pair with the tables at step s on every shard.
 
     record = checkpoint_tables(model)          # every rank may call it; one copy per table
     torch.save({"model": model.state_dict(), "tables": record, ...}, path)
@@ -46,8 +46,8 @@ def checkpoint_tables(model: nn.Module) -> dict[str, Any]:
         source.flush()  # raises StepFailed: never checkpoint past a lost step
     tables = {}
     for source in sources:
-        if source._accumulated:
-            raise RuntimeError(f"table {source.name!r} is in the middle of a step ({len(source._accumulated)} of "
+        if source.micro_batches_pending:
+            raise RuntimeError(f"table {source.name!r} is in the middle of a step ({source.micro_batches_pending} of "
                                f"{source.grad_accumulation} micro-batches): checkpoint between steps")
         tag = f"{source.run_id}.step{source.step}"
         paths = source.store.snapshot(source.name, tag=tag)

@@ -123,6 +123,11 @@ class RemoteTables(TableSource):
         return self.steps.next_step
 
     @property
+    def micro_batches_pending(self) -> int:
+        """Backward passes of the current step so far (< grad_accumulation): a step is open."""
+        return len(self._accumulated)
+
+    @property
     def lr(self) -> float:
         """The learning rate the next step is sent with (a schedule may change it every step)."""
         return self.param_group["lr"]

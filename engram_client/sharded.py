@@ -130,6 +130,10 @@ class ShardedClient:
                    for shard, part in zip(self.shards, parts) if every_shard or part.stop > part.start]
         return self._pool.submit(_all_applied, futures)
 
+    def shared_tables(self) -> list[str]:
+        """Tables every shard of which this client reads through shared memory."""
+        return sorted(set.intersection(*(set(c.shared_tables()) for c in self.shards)))
+
     def stats(self) -> list:
         return [c.stats() for c in self.shards]
 

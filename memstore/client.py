@@ -303,6 +303,10 @@ class MemStoreClient:
         self._views[name] = None
         return None
 
+    def shared_tables(self) -> list[str]:
+        """Tables this client reads through shared memory (the same-host path), so far."""
+        return sorted(name for name, view in self._views.items() if view is not None)
+
     def _fail_shared(self, name: str, why: str):
         raise FailedPrecondition(f"shared_memory='on' but table {name!r} on {self.target} cannot be read "
                                  f"through shared memory: {why}")

@@ -80,6 +80,33 @@ def _shapes(spec: TableSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             "materialized": ((spec.local_rows,), np.dtype(np.bool_))}
 
 
+def room_for(root: Path, spec: TableSpec, shared: list[TableFiles]) -> bool:
+    """Whether the tmpfs under `root` can hold this table's dense size beside the tables already
+    there (their untouched pages included): pages of a tmpfs file are allocated when first
+    written, and a write past the tmpfs size would kill the daemon (SIGBUS), so a table goes
+    into shared memory only when all of it fits (a container's /dev/shm is often 64 MiB)."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stat = os.statvfs(root)
+    free = stat.f_bavail * stat.f_frsize
+    promised = sum(_dense_file_bytes(f) - _allocated_bytes(f.path) for f in shared)
+    return dense_file_bytes(spec) + promised <= free
+
+
+def dense_file_bytes(spec: TableSpec) -> int:
+    return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in _shapes(spec).values())
+
+
+def _dense_file_bytes(files: TableFiles) -> int:
+    return files.rows.nbytes + files.state.nbytes + files.materialized.nbytes
+
+
+def _allocated_bytes(path: Path) -> int:
+    try:
+        return sum(p.stat().st_blocks * 512 for p in path.iterdir())
+    except OSError:
+        return 0
+
+
 def create(root: Path, spec: TableSpec) -> TableFiles:
     """New zeroed (sparse) files for a table; the daemon's read-write mapping."""
     root.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -174,7 +174,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert eng["params"]["table"] > 0 and eng["summary"]["rows_per_step_mean"] > 0
     table = m["memstore"]["tables"][0]
     assert table["rows_materialized"] > 0 and table["updates"] >= m["train"]["steps"]
-    assert m["memstore"]["backend"] == "lmdb"
+    assert m["memstore"]["backend"] == "ram"
     for order in ("2", "3"):
         c = m["collisions"]["by_order"][order]
         assert c["distinct_ngrams"] > 0 and 0 <= c["collision_rate_per_head"] < 1

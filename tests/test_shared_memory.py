@@ -142,3 +142,22 @@ def test_shared_memory_files_are_private_to_the_daemons_user(tmp_path):
         client.lookup("t", [1])
         directory = client._views["t"].files.path
         assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_table_the_tmpfs_cannot_hold_stays_in_private_memory(tmp_path):
+    """tmpfs pages are allocated when first written; a table placed there beyond the tmpfs size
+    would kill the daemon (SIGBUS) later. Such a table stays private, and clients use gRPC."""
+    import os
+    import uuid
+
+    from memstore.backends.ram import RamBackend
+    from memstore.spec import TableSpec
+    shm_dir = Path("/dev/shm") / f"memstore-test-{uuid.uuid4().hex[:8]}"
+    stat = os.statvfs("/dev/shm")
+    rows = int(0.6 * stat.f_bavail * stat.f_frsize / (64 * 4 + 1))  # fp32 dim 64 sgd: 257 bytes per row
+    backend = RamBackend(tmp_path, shm_dir=shm_dir)
+    try:
+        assert backend.create_table(TableSpec("a", rows, 64)).shared is not None
+        assert backend.create_table(TableSpec("b", rows, 64)).shared is None  # 2 x 60 % does not fit
+    finally:
+        backend.close()

@@ -350,15 +350,27 @@ class RamBackend(Backend):
                     f"max_bytes={self.max_bytes:,} ({self.max_bytes / 2**30:.2f} GiB) are left; use more shards, "
                     "the lmdb backend, ram_memmap, or raise ram_max_bytes")
         if self.shm_dir is not None:
-            try:
-                files = shm.create(self.shm_dir, spec)
-            except OSError as exc:  # the tmpfs is full
-                raise ResourceExhausted(f"cannot place table {spec.name!r} ({dense_bytes(spec) / 2**30:.1f} GiB) "
-                                        f"in shared memory under {self.shm_dir}: {exc}") from None
-            arrays = _Arrays(files.rows, files.state, files.materialized)
-            return RamTable(spec, arrays, DedupMemory(), shared=files)
+            files = self._shared_files(spec)
+            if files is not None:
+                arrays = _Arrays(files.rows, files.state, files.materialized)
+                return RamTable(spec, arrays, DedupMemory(), shared=files)
         memmap_dir = self._memmap_dir(spec.name)
         return RamTable(spec, _allocate(spec, memmap_dir), DedupMemory(), memmap_dir)
+
+    def _shared_files(self, spec: TableSpec) -> shm.TableFiles | None:
+        """The table's arrays in shared memory, or None (private memory; clients use gRPC) when
+        the tmpfs cannot hold all of it."""
+        shared = [t.shared for t in self._tables.values() if t.shared is not None]
+        try:
+            if shm.room_for(self.shm_dir, spec, shared):
+                return shm.create(self.shm_dir, spec)
+            reason = "not enough room on its tmpfs"
+        except OSError as exc:
+            reason = str(exc)
+        log.warning("table %r (%.2f GiB) stays in private memory, not in shared memory under %s (%s): same-host "
+                    "clients read it over gRPC; a bigger /dev/shm (docker --shm-size, a Memory emptyDir) fixes it",
+                    spec.name, dense_bytes(spec) / 2**30, self.shm_dir, reason)
+        return None
 
     def create_table(self, spec: TableSpec) -> Table:
         with self._admin:
