@@ -50,6 +50,7 @@ from engram_client.steps import StepLog
 from engram_client.tables import TableSource
 from memstore.client import Job
 from memstore.dtypes import storage_dtype
+from memstore.errors import FailedPrecondition
 
 MODES = ("sync", "async")
 
@@ -106,10 +107,9 @@ class RemoteTables(TableSource):
         self.table_kwargs = dict(dtype=dtype, optimizer=optimizer, lr=lr, init=init, init_scale=init_scale,
                                  seed=seed, **optimizer_args)
         self.param_group = {"lr": float(lr)}  # `TableLR` hands this dict to torch lr schedulers
-        if create:
-            self._attach()
-        else:  # the rows' dtype is the table's, whatever the constructor's default says
+        if not create:  # the rows' dtype is the table's, whatever the constructor's default says
             self.table_kwargs["dtype"] = self.store.describe_table(name).spec.dtype
+        self._check_spec(self._attach() if create else self.store.describe_table(name))
         self._queue: deque[PendingLookup] = deque()
         self.steps = StepLog(name)
         self._accumulated: list[tuple[np.ndarray, np.ndarray]] = []  # micro-batches of the open step
@@ -140,11 +140,10 @@ class RemoteTables(TableSource):
     def _world_size(self) -> int:
         return self.job.world_size if self.job else 1
 
-    def _attach(self) -> None:
-        """Create the table, or check that the existing one is exactly what this block needs."""
-        from memstore.errors import FailedPrecondition
+    def _attach(self):
+        """Create the table, or find the existing one; returns its TableInfo."""
         try:
-            info = self.store.create_table(self.name, self.num_rows, self.dim, if_not_exists=True, **self.table_kwargs)
+            return self.store.create_table(self.name, self.num_rows, self.dim, if_not_exists=True, **self.table_kwargs)
         except Exception as exc:
             code = getattr(getattr(exc, "code", None), "name", None)
             if code == "ALREADY_EXISTS":
@@ -153,7 +152,10 @@ class RemoteTables(TableSource):
                     f"({self.num_rows} rows x {self.dim}, {self.table_kwargs}): {exc}") from None
             if code != "PERMISSION_DENIED":
                 raise
-            info = self.store.describe_table(self.name)  # a read-only replica: attach to what it has
+            return self.store.describe_table(self.name)  # a read-only replica: attach to what it has
+
+    def _check_spec(self, info) -> None:
+        """The table must be exactly what this block needs."""
         spec = info.spec
         if (spec.num_rows, spec.dim, spec.dtype) != (self.num_rows, self.dim, self.table_kwargs["dtype"]):
             raise FailedPrecondition(f"table {self.name!r} is {spec.num_rows} x {spec.dim} {spec.dtype}, "
