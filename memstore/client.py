@@ -171,6 +171,7 @@ class MemStoreClient:
             raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
         self.shared_memory = shared_memory
         self._views: dict[str, SharedView | None] = {}  # table → its mapping; None: gRPC for it
+        self._views_swept = 0.0
         self.target = target
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
@@ -221,7 +222,7 @@ class MemStoreClient:
 
     def drop_table(self, name: str) -> None:
         self._call(self._stub.DropTable, pb.DropTableRequest(name=name))
-        self._views.pop(name, None)
+        self._drop_view(name)
         self._update_sender.submit(self._step_order.forget, name).result()  # a new table's steps start over
 
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
@@ -270,6 +271,7 @@ class MemStoreClient:
         the server must judge: out of range, another shard's)."""
         if self.shared_memory == "off":
             return None
+        self._forget_dead_views()
         for _ in range(2):  # a stale mapping (dropped, re-created, restarted) is mapped once more
             view = self._view(name)
             if view is None:
@@ -277,24 +279,24 @@ class MemStoreClient:
             try:
                 return view.lookup(ids)
             except shm.StaleMapping:
-                self._views.pop(name, None)
+                self._drop_view(name)
         return None if self.shared_memory == "auto" else self._fail_shared(name, "its mapping keeps going stale")
 
     def _view(self, name: str) -> SharedView | None:
-        """The table's mapping, made on first use; None: this table goes over gRPC."""
+        """The table's mapping, made on first use; None: gRPC for now (cached when the server or
+        the host says the table cannot be mapped, not after a transient error)."""
         if name in self._views:
             return self._views[name]
         try:
             view = SharedView(self._call(self._stub.MapTable, pb.MapTableRequest(table=name)))
-        except shm.StaleMapping as exc:  # another host, or files this user may not open
+        except (shm.StaleMapping, shm.UnsafeDirectory) as exc:  # another host, or not this user's files
             reason = str(exc)
         except MemStoreError as exc:
-            if exc.code == grpc.StatusCode.UNAUTHENTICATED or (exc.code == grpc.StatusCode.NOT_FOUND
-                                                               and self.shared_memory == "on"):
-                raise
-            if exc.code == grpc.StatusCode.NOT_FOUND:
-                return None  # gRPC answers it (NOT_FOUND too); the table may be created later
-            reason = exc.message  # FAILED_PRECONDITION: not in shared memory; UNIMPLEMENTED: older server
+            if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                if self.shared_memory == "on" or exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise  # the gRPC path would say the same (NOT_FOUND, UNAVAILABLE, ...)
+                return None  # transient or the table's own error: gRPC answers, mapping is tried again later
+            reason = exc.message  # not in shared memory (LMDB, shm off), or an older server
         else:
             self._views[name] = view
             return view
@@ -302,6 +304,22 @@ class MemStoreClient:
             self._fail_shared(name, reason)
         self._views[name] = None
         return None
+
+    def _drop_view(self, name: str) -> None:
+        view = self._views.pop(name, None)
+        if view is not None:
+            view.close()
+
+    def _forget_dead_views(self) -> None:
+        """Unmap tables that were dropped or whose daemon is gone, looked up or not: a mapping
+        keeps the tmpfs pages of a dropped table alive. At most once a second."""
+        now = time.monotonic()
+        if now - self._views_swept < 1.0:
+            return
+        self._views_swept = now
+        for name, view in list(self._views.items()):
+            if view is not None and not view.alive():
+                self._drop_view(name)
 
     def shared_tables(self) -> list[str]:
         """Tables this client reads through shared memory (the same-host path), so far."""
@@ -476,6 +494,8 @@ class MemStoreClient:
             delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
+        for name in list(self._views):
+            self._drop_view(name)
         self._update_sender.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)  # before the lookup pool: its jobs submit into it
         self._lookup_pool.shutdown(wait=True)
@@ -498,6 +518,16 @@ class SharedView:
                             shard_count=response.shard_count or 1)
         self.generation = response.generation
         self.files = shm.open_readonly(Path(response.path), self.spec, self.generation)
+
+    def alive(self) -> bool:
+        try:
+            shm.check(self.files, self.generation)
+        except shm.StaleMapping:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.files.close()
 
     def lookup(self, ids: np.ndarray) -> np.ndarray | None:
         """Rows of global `ids`; None for ids only the server may refuse (out of range, another

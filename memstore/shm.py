@@ -19,13 +19,24 @@ State and invariants (the daemon writes, clients read):
 - Rows are published as the RAM backend does (`memstore.backends.ram`): values first, then the
   `materialized` flag; readers read flags first, then rows. A row read while an update writes it
   may mix old and new elements, as a gRPC lookup racing that update may (documented per backend).
+- The daemon holds an exclusive flock on `header.bin` for as long as the incarnation lives; the
+  kernel drops it when the daemon dies, however it dies. A client's check also tries a shared
+  lock without waiting: getting it means nobody serves these files any more (a SIGKILLed daemon),
+  so the rows are not trusted.
+- Every directory on the way is a real directory (not a symlink) owned by the daemon's user with
+  mode 0700, checked by the daemon before it uses or deletes anything there and by the client
+  before it maps anything: /dev/shm is writable by every user.
+- Files are allocated in full at create (`posix_fallocate`): a tmpfs page written past the
+  tmpfs size would kill the daemon with SIGBUS, so a table that does not fit fails at create.
 - Clients never write: they map every file read-only.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +78,36 @@ class TableFiles:
     rows: np.ndarray          # storage dtype [L, dim]
     state: np.ndarray         # float32 [L, width]
     materialized: np.ndarray  # bool [L]
+    lock_fd: int = -1         # header.bin: the daemon's exclusive flock, or the fd a client tests
 
     @property
     def generation(self) -> int:
         return int(self.header[1])
+
+    def close(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # the daemon's flock goes with it
+            self.lock_fd = -1
+
+
+class UnsafeDirectory(Exception):
+    """A directory in the shared-memory path that this user does not own exclusively."""
+
+
+def secure_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) if missing, then make sure it is a real directory owned by this
+    user that nobody else may enter; raises UnsafeDirectory otherwise."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise UnsafeDirectory(f"{path} is not a directory owned by uid {os.getuid()} (uid {info.st_uid}, "
+                              f"mode {oct(info.st_mode)}): not used for shared memory")
+    if info.st_mode & 0o077:  # ours, but others may look in (made by an older version): close it
+        os.chmod(path, 0o700)
+    return path
 
 
 def _shapes(spec: TableSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -80,55 +117,66 @@ def _shapes(spec: TableSpec) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             "materialized": ((spec.local_rows,), np.dtype(np.bool_))}
 
 
-def room_for(root: Path, spec: TableSpec, shared: list[TableFiles]) -> bool:
-    """Whether the tmpfs under `root` can hold this table's dense size beside the tables already
-    there (their untouched pages included): pages of a tmpfs file are allocated when first
-    written, and a write past the tmpfs size would kill the daemon (SIGBUS), so a table goes
-    into shared memory only when all of it fits (a container's /dev/shm is often 64 MiB)."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    stat = os.statvfs(root)
-    free = stat.f_bavail * stat.f_frsize
-    promised = sum(_dense_file_bytes(f) - _allocated_bytes(f.path) for f in shared)
-    return dense_file_bytes(spec) + promised <= free
-
-
 def dense_file_bytes(spec: TableSpec) -> int:
     return sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in _shapes(spec).values())
 
 
-def _dense_file_bytes(files: TableFiles) -> int:
-    return files.rows.nbytes + files.state.nbytes + files.materialized.nbytes
-
-
-def _allocated_bytes(path: Path) -> int:
-    try:
-        return sum(p.stat().st_blocks * 512 for p in path.iterdir())
-    except OSError:
-        return 0
+def room_for(root: Path, spec: TableSpec) -> bool:
+    """Whether the tmpfs under `root` has room for the whole table now (files are allocated in
+    full at create, so this is all the room it will ever take)."""
+    info = os.statvfs(root)
+    return dense_file_bytes(spec) <= info.f_bavail * info.f_frsize
 
 
 def create(root: Path, spec: TableSpec) -> TableFiles:
-    """New zeroed (sparse) files for a table; the daemon's read-write mapping."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """New zeroed files for a table, allocated in full; the daemon's read-write mapping, with the
+    daemon's flock held on its header. Raises OSError (ENOSPC) when the tmpfs cannot hold it."""
     generation = uuid.uuid4().int >> 65  # 63 bits: positive in int64
     path = root / f"{spec.name}.{generation}"
-    path.mkdir(mode=0o700)
-    arrays = {name: _map(path / f"{name}.bin", dtype, shape, "w+") for name, (shape, dtype) in _shapes(spec).items()}
-    header = np.memmap(path / "header.bin", np.int64, "w+", shape=(4,))
+    os.mkdir(path, 0o700)
+    try:
+        for name, (shape, dtype) in _shapes(spec).items():
+            _allocate_file(path / f"{name}.bin", int(np.prod(shape)) * dtype.itemsize)
+        arrays = {name: _map(path / f"{name}.bin", dtype, shape, "r+") for name, (shape, dtype) in _shapes(spec).items()}
+        header = np.memmap(path / "header.bin", np.int64, "w+", shape=(4,))
+        lock_fd = os.open(path / "header.bin", os.O_RDONLY)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # alive for as long as this process holds it
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     header[:] = (MAGIC, generation, 1, LAYOUT_VERSION)
     header.flush()
-    return TableFiles(path, header, **arrays)
+    return TableFiles(path, header, lock_fd=lock_fd, **arrays)
+
+
+def _allocate_file(path: Path, size: int) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)  # ENOSPC now rather than SIGBUS later
+    finally:
+        os.close(fd)
 
 
 def open_readonly(path: Path, spec: TableSpec, generation: int) -> TableFiles:
-    """A client's read-only mapping; raises StaleMapping when it is not that incarnation."""
+    """A client's read-only mapping; raises StaleMapping when it is not that incarnation, and
+    UnsafeDirectory when the directory is not this user's own."""
+    info = os.lstat(path) if path.exists() or path.is_symlink() else None
+    if info is None:
+        raise StaleMapping(f"{path} is gone")
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise UnsafeDirectory(f"{path} is not a 0700 directory of uid {os.getuid()}: not mapped")
     try:
+        for name in ("header", "rows", "materialized"):
+            if os.lstat(path / f"{name}.bin").st_uid != os.getuid():
+                raise UnsafeDirectory(f"{path / name}.bin is not owned by uid {os.getuid()}: not mapped")
         header = np.memmap(path / "header.bin", np.int64, "r", shape=(4,))
         arrays = {name: _map(path / f"{name}.bin", dtype, shape, "r")
                   for name, (shape, dtype) in _shapes(spec).items() if name != "state"}
+        lock_fd = os.open(path / "header.bin", os.O_RDONLY)
     except (OSError, ValueError) as exc:
         raise StaleMapping(f"cannot map {path}: {exc}") from exc
-    files = TableFiles(path, header, state=np.empty((0, 0), np.float32), **arrays)
+    files = TableFiles(path, header, state=np.empty((0, 0), np.float32), lock_fd=lock_fd, **arrays)
     check(files, generation)
     return files
 
@@ -146,9 +194,21 @@ def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...], mode: str) -> np.n
 
 
 def check(files: TableFiles, generation: int) -> None:
+    """Raise StaleMapping unless these files are still `generation`, alive, and served."""
     header = files.header
-    if int(header[0]) != MAGIC or int(header[1]) != generation or int(header[2]) != 1:
-        raise StaleMapping(f"{files.path} is no longer generation {generation} of its table")
+    if (int(header[0]) != MAGIC or int(header[1]) != generation or int(header[2]) != 1
+            or int(header[3]) != LAYOUT_VERSION or not _served(files.lock_fd)):
+        raise StaleMapping(f"{files.path} is no longer generation {generation} of a live table")
+
+
+def _served(lock_fd: int) -> bool:
+    """Whether a daemon still holds its flock on the header (a client's test: it never waits)."""
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+    return False
 
 
 def retire(files: TableFiles) -> None:
@@ -156,13 +216,16 @@ def retire(files: TableFiles) -> None:
     files.header[2] = 0
     files.header.flush()
     shutil.rmtree(files.path, ignore_errors=True)
+    files.close()
 
 
 def retire_all(root: Path) -> None:
-    """At start: whatever a previous daemon left (it may have been killed) is marked dead first."""
-    if not root.is_dir():
-        return
+    """At start (after the data-dir lock is held): whatever a previous daemon on this data dir
+    left is marked dead, then removed. `root` must have passed `secure_dir`."""
     for path in root.iterdir():
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+            continue
         try:
             header = np.memmap(path / "header.bin", np.int64, "r+", shape=(4,))
             header[2] = 0

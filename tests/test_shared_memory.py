@@ -144,20 +144,63 @@ def test_shared_memory_files_are_private_to_the_daemons_user(tmp_path):
         assert directory.stat().st_mode & 0o777 == 0o700
 
 
-def test_a_table_the_tmpfs_cannot_hold_stays_in_private_memory(tmp_path):
-    """tmpfs pages are allocated when first written; a table placed there beyond the tmpfs size
-    would kill the daemon (SIGBUS) later. Such a table stays private, and clients use gRPC."""
-    import os
-    import uuid
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs of our own (needs root, as CI and this project's machines have)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
 
+
+def test_a_table_the_tmpfs_cannot_hold_stays_in_private_memory(tmp_path, small_tmpfs):
+    """Pages of a tmpfs file are allocated when written, and a write past the tmpfs size kills the
+    daemon (SIGBUS): files are allocated in full at create, and a table that does not fit stays
+    in private memory (clients read it over gRPC). Both tables then train without a crash."""
     from memstore.backends.ram import RamBackend
-    from memstore.spec import TableSpec
-    shm_dir = Path("/dev/shm") / f"memstore-test-{uuid.uuid4().hex[:8]}"
-    stat = os.statvfs("/dev/shm")
-    rows = int(0.6 * stat.f_bavail * stat.f_frsize / (64 * 4 + 1))  # fp32 dim 64 sgd: 257 bytes per row
-    backend = RamBackend(tmp_path, shm_dir=shm_dir)
+    from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+    backend = RamBackend(tmp_path / "data", shm_dir=small_tmpfs / "memstore" / "d")
     try:
-        assert backend.create_table(TableSpec("a", rows, 64)).shared is not None
-        assert backend.create_table(TableSpec("b", rows, 64)).shared is None  # 2 x 60 % does not fit
+        spec = dict(num_rows=20_000, dim=64, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd", 1.0))
+        first, second = (backend.create_table(TableSpec(name, **spec)) for name in ("a", "b"))  # 5.1 MB each
+        assert first.shared is not None and second.shared is None
+        for table in (first, second):
+            table.apply_update(np.arange(20_000), np.ones((20_000, 64), np.float32), "", 0)  # every page
+        assert first.lookup(np.array([19_999]))[0, 0] == second.lookup(np.array([19_999]))[0, 0] == -1.0
     finally:
         backend.close()
+
+
+def test_shared_memory_outside_this_users_own_directories_is_refused(tmp_path):
+    """/dev/shm is writable by everyone: a directory another user made (or a symlink) is never
+    used by the daemon, nor mapped by a client."""
+    import os
+
+    from memstore import shm
+    from memstore.backends.ram import RamBackend
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)  # another user's (nobody), as a hostile pre-creation would be
+    backend = RamBackend(tmp_path / "data", shm_dir=foreign / "d")
+    assert backend.shm_dir is None  # shared memory off, logged; the tables stay private
+    backend.close()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    with pytest.raises(shm.UnsafeDirectory):
+        shm.secure_dir(tmp_path / "link")
+
+
+@pytest.mark.subprocess
+def test_a_sigkilled_daemons_rows_are_never_served(tmp_path):
+    """Its files stay behind with alive=1; its flock on the header went with it."""
+    with ServeProcess(tmp_path / "d", "ram") as daemon:
+        shared, _ = pair(daemon.target, retry_timeout_s=0)
+        shared.create_table("t", 10, 2, init="zeros", optimizer="sgd", lr=1.0)
+        shared.update("t", [1], np.ones((1, 2)))
+        assert shared.lookup("t", [1])[0, 0] == -1.0
+        daemon.kill()
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            shared.lookup("t", [1])  # as gRPC would: not the dead daemon's rows

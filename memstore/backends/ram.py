@@ -309,13 +309,13 @@ class RamBackend(Backend):
         the arrays in files there (a tmpfs) that co-located clients map read-only (`memstore.shm`);
         `memmap` (files under the data dir, a table may exceed RAM) takes precedence."""
         self.keep_checkpoints = keep_checkpoints
-        self.shm_dir = None if memmap or shm_dir is None else Path(shm_dir)
-        if self.shm_dir is not None:
-            shm.retire_all(self.shm_dir)  # a previous run's files: dead to its clients, then gone
         if keep_snapshots < 1:
             raise ValueError(f"keep_snapshots must be >= 1, got {keep_snapshots}")
         self.data_dir = Path(data_dir)
-        self._dir_lock = DataDirLock(self.data_dir)
+        self._dir_lock = DataDirLock(self.data_dir)  # before touching shared memory: a refused second
+        self.shm_dir = None if shm_dir is None else self._claim_shm(Path(shm_dir))  # daemon must not
+        if memmap:
+            self.shm_dir = None
         self.keep_snapshots, self.memmap, self.max_bytes = keep_snapshots, memmap, max_bytes
         self._tables: dict[str, RamTable] = {}
         self._admin = threading.Lock()  # create / drop / close
@@ -357,12 +357,24 @@ class RamBackend(Backend):
         memmap_dir = self._memmap_dir(spec.name)
         return RamTable(spec, _allocate(spec, memmap_dir), DedupMemory(), memmap_dir)
 
+    @staticmethod
+    def _claim_shm(shm_dir: Path) -> Path | None:
+        """Check (and create) the shared-memory directories, retire what a previous run left there;
+        None, with an error logged, when they are not this user's own (/dev/shm is everyone's)."""
+        try:
+            shm.secure_dir(shm_dir.parent)
+            shm.secure_dir(shm_dir)
+        except (shm.UnsafeDirectory, OSError) as exc:
+            log.error("shared memory off: %s", exc)
+            return None
+        shm.retire_all(shm_dir)  # a previous run's files: dead to its clients, then gone
+        return shm_dir
+
     def _shared_files(self, spec: TableSpec) -> shm.TableFiles | None:
         """The table's arrays in shared memory, or None (private memory; clients use gRPC) when
         the tmpfs cannot hold all of it."""
-        shared = [t.shared for t in self._tables.values() if t.shared is not None]
         try:
-            if shm.room_for(self.shm_dir, spec, shared):
+            if shm.room_for(self.shm_dir, spec):
                 return shm.create(self.shm_dir, spec)
             reason = "not enough room on its tmpfs"
         except OSError as exc:
