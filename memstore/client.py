@@ -494,11 +494,11 @@ class MemStoreClient:
             delay = min(delay * 2, 2.0)
 
     def close(self) -> None:
-        for name in list(self._views):
-            self._drop_view(name)
         self._update_sender.shutdown(wait=True)
         self._async_pool.shutdown(wait=True)  # before the lookup pool: its jobs submit into it
         self._lookup_pool.shutdown(wait=True)
+        for name in list(self._views):  # after every pending lookup has finished with them
+            self._drop_view(name)
         self._channel.close()
 
     def __enter__(self) -> Self:

@@ -70,9 +70,10 @@ def test_attaching_to_a_bfloat16_table_reads_bfloat16_rows(tmp_path):
         assert rows.abs().max() <= 0.5
 
 
-def test_close_lets_pending_async_lookups_finish(tmp_path):
+@pytest.mark.parametrize("shared_memory", ["off", "on"])
+def test_close_lets_pending_async_lookups_finish(tmp_path, shared_memory):
     with in_process(tmp_path / "d") as server:
-        client = MemStoreClient(server.target, max_ids_per_call=1 << 12)
+        client = MemStoreClient(server.target, max_ids_per_call=1 << 12, shared_memory=shared_memory)
         client.create_table("t", 1 << 16, 8)
         futures = [client.lookup_async("t", np.arange(1 << 15)) for _ in range(4)]  # split: uses the lookup pool
         client.close()

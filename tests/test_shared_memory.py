@@ -165,7 +165,7 @@ def test_a_table_the_tmpfs_cannot_hold_stays_in_private_memory(tmp_path, small_t
     from memstore.spec import InitSpec, OptimizerSpec, TableSpec
     backend = RamBackend(tmp_path / "data", shm_dir=small_tmpfs / "memstore" / "d")
     try:
-        spec = dict(num_rows=20_000, dim=64, init=InitSpec("zeros"), optimizer=OptimizerSpec("sgd", 1.0))
+        spec = {"num_rows": 20_000, "dim": 64, "init": InitSpec("zeros"), "optimizer": OptimizerSpec("sgd", 1.0)}
         first, second = (backend.create_table(TableSpec(name, **spec)) for name in ("a", "b"))  # 5.1 MB each
         assert first.shared is not None and second.shared is None
         for table in (first, second):

@@ -30,6 +30,7 @@ may exceed RAM (the OS pages it out); those files are scratch, rebuilt from snap
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -300,6 +301,14 @@ class RamTable(Table):
             raise NotFound(f"table {self.spec.name!r} was dropped")
 
 
+def _size(n: int) -> str:
+    """Bytes for people: 1.50 GiB, 12.0 MiB, 512 bytes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n} bytes"
+
+
 class RamBackend(Backend):
     name = "ram"
 
@@ -345,9 +354,9 @@ class RamBackend(Backend):
             used = sum(dense_bytes(t.spec) for t in self._tables.values())
             if used + dense_bytes(spec) > self.max_bytes:
                 raise ResourceExhausted(
-                    f"table {spec.name!r} needs {dense_bytes(spec) / 2**30:.2f} GiB of RAM (rows + optimizer state, "
-                    f"dense: hashed rows touch all of it), but only {(self.max_bytes - used) / 2**30:.2f} GiB of "
-                    f"max_bytes={self.max_bytes:,} ({self.max_bytes / 2**30:.2f} GiB) are left; use more shards, "
+                    f"table {spec.name!r} needs {_size(dense_bytes(spec))} of RAM (rows + optimizer state, "
+                    f"dense: hashed rows touch all of it), but only {_size(self.max_bytes - used)} of "
+                    f"max_bytes={self.max_bytes:,} ({_size(self.max_bytes)}) are left; use more shards, "
                     "the lmdb backend, ram_memmap, or raise ram_max_bytes")
         if self.shm_dir is not None:
             files = self._shared_files(spec)
@@ -444,4 +453,7 @@ class RamBackend(Backend):
                 with table._snapshot_lock, table._lock:
                     table.release()
             self._tables.clear()
+            if self.shm_dir is not None:
+                with contextlib.suppress(OSError):  # this daemon's directory, empty once its tables are retired
+                    self.shm_dir.rmdir()
             self._dir_lock.release()
