@@ -59,8 +59,11 @@ def preload(data_dir: Path, backend: str, tables: list[tuple[TableSpec, np.ndarr
             owned = np.arange(shard.index, spec.num_rows, shard.count, dtype=np.int64)  # global ids
             for start in range(0, len(owned), LOAD_CHUNK):
                 ids = owned[start:start + LOAD_CHUNK]
-                grads = np.zeros((len(ids), spec.dim), np.float32) if values is None else -values[ids]
-                store.update(spec.name, ids, grads, "", 0)
+                if values is None:  # the backend's own step: the store skips zero-gradient rows
+                    table = store.backend.get(spec.name)
+                    table.apply_update(ids // shard.count, np.zeros((len(ids), spec.dim), np.float32), "", 0)
+                else:
+                    store.update(spec.name, ids, -values[ids], "", 0)
         store.backend.checkpoint()
     finally:
         store.backend.close()

@@ -4,7 +4,9 @@ One `client.update(table, ids, grads)` per call: `update_size` sorted unique ids
 client sends: the per-row sum of a batch's gradient) with float32 gradients, waited for. The
 server gathers the rows and their optimizer state, steps, and writes both back. LMDB runs twice:
 with the default `lmdb_sync=true` (every acknowledged update is fsynced) and with `--lmdb-sync
-false` (survives kill -9, not power loss), so the cost of durability is visible.
+false` (survives kill -9, not power loss), so the cost of durability is visible. "ram same-host"
+is the RAM server again with a co-located client: the gradients go through a staging file in
+shared memory and only the Update's header over gRPC.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from bench.tables import NORMAL, optimizer_spec, preload
 from bench.timing import Measurement, side_by_side
 from memstore.client import MemStoreClient
 
-SERVERS = {"ram": ("ram", ()), "lmdb (sync)": ("lmdb", ()),
+SERVERS = {"ram": ("ram", ()), "ram same-host": ("ram", ()), "lmdb (sync)": ("lmdb", ()),
            "lmdb (no sync)": ("lmdb", ("--lmdb-sync", "false"))}
+SAME_HOST = "ram same-host"  # gradients staged in shared memory (memstore/shm.py), only the header over gRPC
 
 
 def run(cfg: BenchConfig, work: Path) -> Section:
@@ -45,7 +48,7 @@ def run(cfg: BenchConfig, work: Path) -> Section:
             data_dir = work / label.replace(" ", "").replace("(", "-").replace(")", "")
             shutil.copytree(work / f"{backend}-template", data_dir)  # each server its own copy
             server = stack.enter_context(MemstoreServer(data_dir, backend, *args))
-            client = stack.enter_context(MemStoreClient(server.target))
+            client = stack.enter_context(MemStoreClient(server.target, shared_memory="on" if label == SAME_HOST else "off"))
             for opt in cfg.optimizers:
                 update = partial(client.update, f"update_{opt}")
                 calls[(label, opt)] = lambda i, f=update: f(batches[i % len(batches)], grads)

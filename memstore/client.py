@@ -171,7 +171,10 @@ class MemStoreClient:
             raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
         self.shared_memory = shared_memory
         self._views: dict[str, SharedView | None] = {}  # table → its mapping; None: gRPC for it
+        self._views_lock = threading.RLock()  # lookups (several threads) and the update sender map tables
         self._views_swept = 0.0
+        self._staging_name = f"{uuid.uuid4().hex}.buf"  # this client's file for staged Update payloads
+        self._staged: set[Path] = set()
         self.target = target
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
@@ -285,6 +288,10 @@ class MemStoreClient:
     def _view(self, name: str) -> SharedView | None:
         """The table's mapping, made on first use; None: gRPC for now (cached when the server or
         the host says the table cannot be mapped, not after a transient error)."""
+        with self._views_lock:
+            return self._map(name)
+
+    def _map(self, name: str) -> SharedView | None:
         if name in self._views:
             return self._views[name]
         try:
@@ -306,7 +313,8 @@ class MemStoreClient:
         return None
 
     def _drop_view(self, name: str) -> None:
-        view = self._views.pop(name, None)
+        with self._views_lock:
+            view = self._views.pop(name, None)
         if view is not None:
             view.close()
 
@@ -451,21 +459,46 @@ class MemStoreClient:
 
     def _stream_update(self, name: str, header: dict, ids: np.ndarray, grads: np.ndarray,
                        timeout: float | None = None) -> pb.UpdateResponse:
-        rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
-
-        id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
-        grad_row = grads.shape[1] * grads.itemsize
-
-        def chunks() -> Iterator[bytes]:
-            for start in range(0, max(len(ids), 1), rows_per_chunk):
-                stop = min(len(ids), start + rows_per_chunk)
-                first = {"table": name, "total_rows": len(ids), **header} if start == 0 else {}
-                yield encode_update_chunk(id_bytes[start * 8:stop * 8],
-                                          grad_bytes[start * grad_row:stop * grad_row], **first)
+        header = {"table": name, "total_rows": len(ids), **header}
+        staged = self._stage(name, ids, grads)
+        if staged is not None:  # same host: only the header travels; the payload is in the file
+            messages = iter([encode_update_chunk(b"", b"", staging=staged, **header)])
+        else:
+            messages = self._update_chunks(header, ids, grads)
         try:
-            return self._update_raw(chunks(), timeout=timeout or self.timeout_s, metadata=self._metadata)
+            return self._update_raw(messages, timeout=timeout or self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _as_error(exc) from None
+
+    @staticmethod
+    def _update_chunks(header: dict, ids: np.ndarray, grads: np.ndarray) -> Iterator[bytes]:
+        """~1 MiB UpdateChunks of whole rows; the header goes in the first."""
+        rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
+        id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
+        grad_row = grads.shape[1] * grads.itemsize
+        for start in range(0, max(len(ids), 1), rows_per_chunk):
+            stop = min(len(ids), start + rows_per_chunk)
+            yield encode_update_chunk(id_bytes[start * 8:stop * 8], grad_bytes[start * grad_row:stop * grad_row],
+                                      **(header if start == 0 else {}))
+
+    def _stage(self, name: str, ids: np.ndarray, grads: np.ndarray) -> str | None:
+        """Write the payload into this client's staging file on the daemon's host; its name, or
+        None to send it over gRPC (another host, LMDB, shared memory off, or any trouble)."""
+        if self.shared_memory == "off" or len(ids) == 0:
+            return None
+        try:
+            view = self._view(name)
+        except MemStoreError:
+            return None
+        if view is None or view.staging_dir is None:
+            return None
+        path = view.staging_dir / self._staging_name
+        try:
+            shm.stage(path, ids, grads)
+        except OSError:
+            return None
+        self._staged.add(path)
+        return self._staging_name
 
     def _next_seq(self, name: str) -> int:
         with self._seq_lock:
@@ -499,6 +532,8 @@ class MemStoreClient:
         self._lookup_pool.shutdown(wait=True)
         for name in list(self._views):  # after every pending lookup has finished with them
             self._drop_view(name)
+        for path in self._staged:
+            path.unlink(missing_ok=True)
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -518,6 +553,7 @@ class SharedView:
                             shard_count=response.shard_count or 1)
         self.generation = response.generation
         self.files = shm.open_readonly(Path(response.path), self.spec, self.generation)
+        self.staging_dir = Path(response.staging_dir) if response.staging_dir else None
 
     def alive(self) -> bool:
         try:

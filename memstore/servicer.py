@@ -113,7 +113,8 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
     async def MapTable(self, request: pb.MapTableRequest, context) -> pb.MapTableResponse:
         spec, path, generation = self.store.map_table(request.table)
         return pb.MapTableResponse(spec=spec_to_pb(spec), shard_index=spec.shard_index, shard_count=spec.shard_count,
-                                   path=str(path), generation=generation, boot_id=shm.boot_id())
+                                   path=str(path), generation=generation, boot_id=shm.boot_id(),
+                                   staging_dir=str(self.store.staging_dir() or ""))
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreResponse:
         path, changed = await self._run(self.store.restore, request.table, request.tag)
@@ -181,8 +182,16 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         return pb.UpdateResponse(applied=result.applied, rows=result.rows, previous_seq=result.previous_seq)
 
     async def _receive_update(self, first: UpdateChunk, rest, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copy the streamed chunks into buffers sized by the header, refusing any overflow."""
+        """Copy the streamed chunks (or the staged file) into buffers sized by the header,
+        refusing any overflow."""
         total = first.total_rows
+        if first.staging:
+            staging_dir = self.store.staging_dir()
+            if staging_dir is None:
+                raise InvalidArgument("Update: staging is for same-host clients of a RAM server in shared memory")
+            if len(first.ids) or len(first.grads) or await anext(aiter(rest), None) is not None:
+                raise InvalidArgument("Update: a staged update carries no payload in its chunks")
+            return await self._run(shm.read_staged, staging_dir, first.staging, total, dim)
         ids = np.empty(total, dtype=ID_DTYPE)
         grads = np.empty((total, dim), dtype=GRAD_DTYPE)
         filled = 0

@@ -35,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from memstore import dtypes, optimizers
+from memstore.errors import InvalidArgument
 from memstore.init import init_rows
 from memstore.spec import TableSpec
 
@@ -233,6 +235,63 @@ def retire_all(root: Path) -> None:
         except (OSError, ValueError):
             pass
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- staged Update payloads ---------------------------------------------------------------------
+# A same-host client writes an Update's ids and gradients into its own file under the daemon's
+# `<shm_dir>/staging/` and sends only the header; the daemon copies them out before it answers,
+# so the client may reuse its file for its next update (its updates leave one at a time).
+
+STAGING_DIR = "staging"
+STAGING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # a plain file name: never a path
+
+
+def stage(path: Path, ids: np.ndarray, grads: np.ndarray) -> None:
+    """Client side: ids int64 [n] at offset 0, grads float32 [n, dim] right after."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        _write_all(fd, memoryview(np.ascontiguousarray(ids, "<i8")).cast("B"), 0)
+        _write_all(fd, memoryview(np.ascontiguousarray(grads, "<f4")).cast("B"), 8 * len(ids))
+    finally:
+        os.close(fd)
+
+
+def read_staged(staging_dir: Path, name: str, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Daemon side: copies of ids [rows] and grads [rows, dim] from a client's staging file.
+    Raises InvalidArgument for anything but a regular file of this user, big enough, right there."""
+    if not STAGING_NAME.match(name):
+        raise InvalidArgument(f"Update: staging {name!r} is not a plain file name")
+    try:
+        fd = os.open(staging_dir / name, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InvalidArgument(f"Update: staging file {name!r}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        need = rows * (8 + 4 * dim)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size < need:
+            raise InvalidArgument(f"Update: staging file {name!r} is not a regular file of this user holding "
+                                  f"{need:,} bytes ({rows} rows x dim {dim})")
+        ids = np.empty(rows, "<i8")
+        grads = np.empty((rows, dim), "<f4")
+        _read_all(fd, memoryview(ids).cast("B"), 0)
+        _read_all(fd, memoryview(grads).cast("B"), 8 * rows)
+        return ids, grads
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+
+
+def _read_all(fd: int, buffer: memoryview, offset: int) -> None:
+    while len(buffer):
+        got = os.preadv(fd, [buffer], offset)
+        if got == 0:
+            raise InvalidArgument("Update: staging file shrank while it was read")
+        buffer, offset = buffer[got:], offset + got
 
 
 def gather(rows: np.ndarray, materialized: np.ndarray, spec: TableSpec,

@@ -138,6 +138,11 @@ class Store:
         path, changed = self.backend.restore_checkpoint(name, tag)
         return str(path), changed
 
+    def staging_dir(self) -> Path | None:
+        """Where same-host clients may stage Update payloads (None: they send them over gRPC)."""
+        shm_dir = getattr(self.backend, "shm_dir", None)
+        return None if shm_dir is None else shm_dir / "staging"
+
     def map_table(self, name: str) -> tuple[TableSpec, Path, int]:
         """(spec, directory, generation) of a table that co-located clients may map read-only."""
         table = self.backend.get(name)

@@ -108,7 +108,7 @@ def decode_lookup_chunk(data: bytes) -> tuple[memoryview, int, int, int]:
 
 
 # ---- UpdateChunk: table = 1, client_id = 2, seq = 3, total_rows = 4, ids = 5, grads = 6,
-#      rank = 7, world_size = 8, step_timeout_ms = 9, lr = 10 (double) -----------------------
+#      rank = 7, world_size = 8, step_timeout_ms = 9, lr = 10 (double), staging = 11 -------------
 
 _UINT32_MAX = (1 << 32) - 1
 
@@ -125,26 +125,29 @@ class UpdateChunk:
     world_size: int = 0
     step_timeout_ms: int = 0
     lr: float | None = None  # None: unset, the table's lr
+    staging: str = ""        # same-host payload: a file in the daemon's staging dir, not the chunks
 
 
 def encode_update_chunk(ids: memoryview | bytes, grads: memoryview | bytes, *, table: str = "",
                         client_id: str = "", seq: int = 0, total_rows: int = 0, rank: int = 0,
-                        world_size: int = 0, step_timeout_ms: int = 0, lr: float | None = None) -> bytes:
+                        world_size: int = 0, step_timeout_ms: int = 0, lr: float | None = None,
+                        staging: str = "") -> bytes:
     return encode([(1, table), (2, client_id), (3, seq), (4, total_rows), (5, ids), (6, grads),
-                   (7, rank), (8, world_size), (9, step_timeout_ms), (10, None if lr is None else float(lr))])
+                   (7, rank), (8, world_size), (9, step_timeout_ms), (10, None if lr is None else float(lr)),
+                   (11, staging)])
 
 
 def decode_update_chunk(data: bytes) -> UpdateChunk:
     f = decode(data)
     try:
-        table, client_id = bytes(_bytes(f, 1)).decode(), bytes(_bytes(f, 2)).decode()
+        table, client_id, staging = (bytes(_bytes(f, n)).decode() for n in (1, 2, 11))
     except UnicodeDecodeError as exc:
-        raise WireError(f"UpdateChunk: table or client_id is not UTF-8 ({exc})") from None
+        raise WireError(f"UpdateChunk: table, client_id or staging is not UTF-8 ({exc})") from None
     lr = f.get(10)
     if lr is not None and not isinstance(lr, float):
         raise WireError("field 10 (lr) should be a double")
     return UpdateChunk(table, client_id, _int(f, 3), _int(f, 4), _bytes(f, 5), _bytes(f, 6),
-                       _int(f, 7, _UINT32_MAX), _int(f, 8, _UINT32_MAX), _int(f, 9, _UINT32_MAX), lr)
+                       _int(f, 7, _UINT32_MAX), _int(f, 8, _UINT32_MAX), _int(f, 9, _UINT32_MAX), lr, staging)
 
 
 def _int(fields: dict, number: int, limit: int = _UINT64_MAX) -> int:

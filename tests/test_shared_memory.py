@@ -204,3 +204,48 @@ def test_a_sigkilled_daemons_rows_are_never_served(tmp_path):
         daemon.kill()
         with pytest.raises(Exception, match="UNAVAILABLE"):
             shared.lookup("t", [1])  # as gRPC would: not the dead daemon's rows
+
+
+# ---- staged Update payloads --------------------------------------------------------------------
+
+def test_staged_updates_equal_grpc_updates_and_are_applied_once(tmp_path):
+    with in_process(tmp_path / "d") as server:
+        shared, plain = pair(server.target)
+        for client, name in ((shared, "staged"), (plain, "streamed")):
+            client.create_table(name, 50_000, 16, optimizer="adam", lr=0.01, seed=5)
+        for step in range(3):
+            ids = RNG.choice(50_000, 20_000, replace=False)
+            grads = RNG.standard_normal((20_000, 16)).astype(np.float32)
+            assert shared.update("staged", ids, grads, step=step)
+            plain.update("streamed", ids, grads, step=step)
+        assert shared._staged, "the payload did not go through the staging file"
+        assert shared.update("staged", ids, grads, step=2) is False   # a re-sent step: acknowledged only
+        everything = np.arange(50_000)
+        np.testing.assert_array_equal(shared.lookup("staged", everything), plain.lookup("streamed", everything))
+        staged_files = set(shared._staged)
+        shared.close()
+        assert not any(path.exists() for path in staged_files)        # a client cleans up after itself
+
+
+@pytest.mark.parametrize("staging, why", [("../../etc/passwd", "not a plain file name"),
+                                          ("missing.buf", "No such file"),
+                                          ("link.buf", "Too many levels of symbolic links"),
+                                          ("small.buf", "not a regular file of this user holding")])
+def test_a_staged_update_is_refused_unless_it_names_a_good_file(tmp_path, staging, why):
+    import grpc
+
+    from memstore.wire import encode_update_chunk
+    with in_process(tmp_path / "d") as server:
+        client = MemStoreClient(server.target)
+        client.create_table("t", 10, 4)
+        client.lookup("t", [1])                                        # maps the table: learns the staging dir
+        staging_dir = client._views["t"].staging_dir
+        (staging_dir / "small.buf").write_bytes(b"\0" * 8)
+        (staging_dir / "link.buf").symlink_to(tmp_path / "elsewhere")
+        with grpc.insecure_channel(server.target) as channel:
+            call = channel.stream_unary("/memstore.v1.MemStore/Update", request_serializer=None,
+                                        response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as refused:
+                call(iter([encode_update_chunk(b"", b"", table="t", total_rows=2, staging=staging)]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in refused.value.details()
+        assert client.lookup("t", [1]).shape == (1, 4)                 # and the server goes on

@@ -377,6 +377,7 @@ class RamBackend(Backend):
             log.error("shared memory off: %s", exc)
             return None
         shm.retire_all(shm_dir)  # a previous run's files: dead to its clients, then gone
+        shm.secure_dir(shm_dir / shm.STAGING_DIR)  # same-host clients stage Update payloads here
         return shm_dir
 
     def _shared_files(self, spec: TableSpec) -> shm.TableFiles | None:
@@ -454,6 +455,7 @@ class RamBackend(Backend):
                     table.release()
             self._tables.clear()
             if self.shm_dir is not None:
-                with contextlib.suppress(OSError):  # this daemon's directory, empty once its tables are retired
+                with contextlib.suppress(OSError):  # this daemon's directories, gone with its tables
+                    shutil.rmtree(self.shm_dir / shm.STAGING_DIR)
                     self.shm_dir.rmdir()
             self._dir_lock.release()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemstore/v1/memstore.proto\x12\x0bmemstore.v1\"5\n\x08InitSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x8a\x01\n\rOptimizerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x32\n\x04\x61rgs\x18\x03 \x03(\x0b\x32$.memstore.v1.OptimizerSpec.ArgsEntry\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\tTableSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.memstore.v1.DType\x12#\n\x04init\x18\x05 \x01(\x0b\x32\x15.memstore.v1.InitSpec\x12-\n\toptimizer\x18\x06 \x01(\x0b\x32\x1a.memstore.v1.OptimizerSpec\"\xac\x01\n\tTableInfo\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x19\n\x11rows_materialized\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x0f\n\x07updates\x18\x05 \x01(\x04\x12\x13\n\x0bshard_index\x18\x06 \x01(\x04\x12\x13\n\x0bshard_count\x18\x07 \x01(\x04\"Q\n\x12\x43reateTableRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x15\n\rif_not_exists\x18\x02 \x01(\x08\" \n\x10\x44ropTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44ropTableResponse\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.memstore.v1.TableInfo\"$\n\x14\x44\x65scribeTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"_\n\x0bLookupChunk\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\x12\x12\n\nrow_offset\x18\x02 \x01(\x04\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\"\xbf\x01\n\x0bUpdateChunk\x12\r\n\x05table\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\ntotal_rows\x18\x04 \x01(\x04\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\r\n\x05grads\x18\x06 \x01(\x0c\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\x12\n\nworld_size\x18\x08 \x01(\r\x12\x17\n\x0fstep_timeout_ms\x18\t \x01(\r\x12\x0f\n\x02lr\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x05\n\x03_lr\"E\n\x0eUpdateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x14\n\x0cprevious_seq\x18\x03 \x01(\x04\"-\n\x0fSnapshotRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"!\n\x10SnapshotResponse\x12\r\n\x05paths\x18\x01 \x03(\t\"G\n\x0eRestoreRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x1f\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\x83\x02\n\rStatsResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.memstore.v1.TableInfo\x12:\n\x08\x63ounters\x18\x02 \x03(\x0b\x32(.memstore.v1.StatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x13\n\x0bshard_index\x18\x06 \x01(\x04\x12\x13\n\x0bshard_count\x18\x07 \x01(\x04\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\x0fMapTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\"\x95\x01\n\x10MapTableResponse\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x13\n\x0bshard_index\x18\x02 \x01(\x04\x12\x13\n\x0bshard_count\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x06 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xd6\x05\n\x08MemStore\x12\x46\n\x0b\x43reateTable\x12\x1f.memstore.v1.CreateTableRequest\x1a\x16.memstore.v1.TableInfo\x12J\n\tDropTable\x12\x1d.memstore.v1.DropTableRequest\x1a\x1e.memstore.v1.DropTableResponse\x12M\n\nListTables\x12\x1e.memstore.v1.ListTablesRequest\x1a\x1f.memstore.v1.ListTablesResponse\x12J\n\rDescribeTable\x12!.memstore.v1.DescribeTableRequest\x1a\x16.memstore.v1.TableInfo\x12@\n\x06Lookup\x12\x1a.memstore.v1.LookupRequest\x1a\x18.memstore.v1.LookupChunk0\x01\x12\x41\n\x06Update\x12\x18.memstore.v1.UpdateChunk\x1a\x1b.memstore.v1.UpdateResponse(\x01\x12G\n\x08Snapshot\x12\x1c.memstore.v1.SnapshotRequest\x1a\x1d.memstore.v1.SnapshotResponse\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponse\x12>\n\x05Stats\x12\x19.memstore.v1.StatsRequest\x1a\x1a.memstore.v1.StatsResponse\x12G\n\x08MapTable\x12\x1c.memstore.v1.MapTableRequest\x1a\x1d.memstore.v1.MapTableResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amemstore/v1/memstore.proto\x12\x0bmemstore.v1\"5\n\x08InitSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\x8a\x01\n\rOptimizerSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x32\n\x04\x61rgs\x18\x03 \x03(\x0b\x32$.memstore.v1.OptimizerSpec.ArgsEntry\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xaf\x01\n\tTableSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08num_rows\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12!\n\x05\x64type\x18\x04 \x01(\x0e\x32\x12.memstore.v1.DType\x12#\n\x04init\x18\x05 \x01(\x0b\x32\x15.memstore.v1.InitSpec\x12-\n\toptimizer\x18\x06 \x01(\x0b\x32\x1a.memstore.v1.OptimizerSpec\"\xac\x01\n\tTableInfo\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x19\n\x11rows_materialized\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x0f\n\x07lookups\x18\x04 \x01(\x04\x12\x0f\n\x07updates\x18\x05 \x01(\x04\x12\x13\n\x0bshard_index\x18\x06 \x01(\x04\x12\x13\n\x0bshard_count\x18\x07 \x01(\x04\"Q\n\x12\x43reateTableRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x15\n\rif_not_exists\x18\x02 \x01(\x08\" \n\x10\x44ropTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11\x44ropTableResponse\"\x13\n\x11ListTablesRequest\"<\n\x12ListTablesResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.memstore.v1.TableInfo\"$\n\x14\x44\x65scribeTableRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"+\n\rLookupRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x01(\x0c\"_\n\x0bLookupChunk\x12\x0c\n\x04rows\x18\x01 \x01(\x0c\x12\x12\n\nrow_offset\x18\x02 \x01(\x04\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.memstore.v1.DType\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\"\xd0\x01\n\x0bUpdateChunk\x12\r\n\x05table\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x12\n\ntotal_rows\x18\x04 \x01(\x04\x12\x0b\n\x03ids\x18\x05 \x01(\x0c\x12\r\n\x05grads\x18\x06 \x01(\x0c\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\x12\n\nworld_size\x18\x08 \x01(\r\x12\x17\n\x0fstep_timeout_ms\x18\t \x01(\r\x12\x0f\n\x02lr\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07staging\x18\x0b \x01(\tB\x05\n\x03_lr\"E\n\x0eUpdateResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0c\n\x04rows\x18\x02 \x01(\x04\x12\x14\n\x0cprevious_seq\x18\x03 \x01(\x04\"-\n\x0fSnapshotRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"!\n\x10SnapshotResponse\x12\r\n\x05paths\x18\x01 \x03(\t\"G\n\x0eRestoreRequest\x12\r\n\x05table\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x0b\n\x03job\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\"\x1f\n\x0fRestoreResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0e\n\x0cStatsRequest\"\x83\x02\n\rStatsResponse\x12&\n\x06tables\x18\x01 \x03(\x0b\x32\x16.memstore.v1.TableInfo\x12:\n\x08\x63ounters\x18\x02 \x03(\x0b\x32(.memstore.v1.StatsResponse.CountersEntry\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x11\n\tread_only\x18\x05 \x01(\x08\x12\x13\n\x0bshard_index\x18\x06 \x01(\x04\x12\x13\n\x0bshard_count\x18\x07 \x01(\x04\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\" \n\x0fMapTableRequest\x12\r\n\x05table\x18\x01 \x01(\t\"\xaa\x01\n\x10MapTableResponse\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.memstore.v1.TableSpec\x12\x13\n\x0bshard_index\x18\x02 \x01(\x04\x12\x13\n\x0bshard_count\x18\x03 \x01(\x04\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x04\x12\x0f\n\x07\x62oot_id\x18\x06 \x01(\t\x12\x13\n\x0bstaging_dir\x18\x07 \x01(\t*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\xd6\x05\n\x08MemStore\x12\x46\n\x0b\x43reateTable\x12\x1f.memstore.v1.CreateTableRequest\x1a\x16.memstore.v1.TableInfo\x12J\n\tDropTable\x12\x1d.memstore.v1.DropTableRequest\x1a\x1e.memstore.v1.DropTableResponse\x12M\n\nListTables\x12\x1e.memstore.v1.ListTablesRequest\x1a\x1f.memstore.v1.ListTablesResponse\x12J\n\rDescribeTable\x12!.memstore.v1.DescribeTableRequest\x1a\x16.memstore.v1.TableInfo\x12@\n\x06Lookup\x12\x1a.memstore.v1.LookupRequest\x1a\x18.memstore.v1.LookupChunk0\x01\x12\x41\n\x06Update\x12\x18.memstore.v1.UpdateChunk\x1a\x1b.memstore.v1.UpdateResponse(\x01\x12G\n\x08Snapshot\x12\x1c.memstore.v1.SnapshotRequest\x1a\x1d.memstore.v1.SnapshotResponse\x12\x44\n\x07Restore\x12\x1b.memstore.v1.RestoreRequest\x1a\x1c.memstore.v1.RestoreResponse\x12>\n\x05Stats\x12\x19.memstore.v1.StatsRequest\x1a\x1a.memstore.v1.StatsResponse\x12G\n\x08MapTable\x12\x1c.memstore.v1.MapTableRequest\x1a\x1d.memstore.v1.MapTableResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMIZERSPEC_ARGSENTRY']._serialized_options = b'8\001'
   _globals['_STATSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1910
-  _globals['_DTYPE']._serialized_end=1980
+  _globals['_DTYPE']._serialized_start=1948
+  _globals['_DTYPE']._serialized_end=2018
   _globals['_INITSPEC']._serialized_start=43
   _globals['_INITSPEC']._serialized_end=96
   _globals['_OPTIMIZERSPEC']._serialized_start=99
@@ -64,27 +64,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPCHUNK']._serialized_start=896
   _globals['_LOOKUPCHUNK']._serialized_end=991
   _globals['_UPDATECHUNK']._serialized_start=994
-  _globals['_UPDATECHUNK']._serialized_end=1185
-  _globals['_UPDATERESPONSE']._serialized_start=1187
-  _globals['_UPDATERESPONSE']._serialized_end=1256
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1258
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1303
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1305
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1338
-  _globals['_RESTOREREQUEST']._serialized_start=1340
-  _globals['_RESTOREREQUEST']._serialized_end=1411
-  _globals['_RESTORERESPONSE']._serialized_start=1413
-  _globals['_RESTORERESPONSE']._serialized_end=1444
-  _globals['_STATSREQUEST']._serialized_start=1446
-  _globals['_STATSREQUEST']._serialized_end=1460
-  _globals['_STATSRESPONSE']._serialized_start=1463
-  _globals['_STATSRESPONSE']._serialized_end=1722
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1675
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1722
-  _globals['_MAPTABLEREQUEST']._serialized_start=1724
-  _globals['_MAPTABLEREQUEST']._serialized_end=1756
-  _globals['_MAPTABLERESPONSE']._serialized_start=1759
-  _globals['_MAPTABLERESPONSE']._serialized_end=1908
-  _globals['_MEMSTORE']._serialized_start=1983
-  _globals['_MEMSTORE']._serialized_end=2709
+  _globals['_UPDATECHUNK']._serialized_end=1202
+  _globals['_UPDATERESPONSE']._serialized_start=1204
+  _globals['_UPDATERESPONSE']._serialized_end=1273
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1275
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1320
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1322
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1355
+  _globals['_RESTOREREQUEST']._serialized_start=1357
+  _globals['_RESTOREREQUEST']._serialized_end=1428
+  _globals['_RESTORERESPONSE']._serialized_start=1430
+  _globals['_RESTORERESPONSE']._serialized_end=1461
+  _globals['_STATSREQUEST']._serialized_start=1463
+  _globals['_STATSREQUEST']._serialized_end=1477
+  _globals['_STATSRESPONSE']._serialized_start=1480
+  _globals['_STATSRESPONSE']._serialized_end=1739
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1692
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1739
+  _globals['_MAPTABLEREQUEST']._serialized_start=1741
+  _globals['_MAPTABLEREQUEST']._serialized_end=1773
+  _globals['_MAPTABLERESPONSE']._serialized_start=1776
+  _globals['_MAPTABLERESPONSE']._serialized_end=1946
+  _globals['_MEMSTORE']._serialized_start=2021
+  _globals['_MEMSTORE']._serialized_end=2747
 # @@protoc_insertion_point(module_scope)

@@ -134,7 +134,7 @@ class LookupChunk(_message.Message):
     def __init__(self, rows: _Optional[bytes] = ..., row_offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("table", "client_id", "seq", "total_rows", "ids", "grads", "rank", "world_size", "step_timeout_ms", "lr")
+    __slots__ = ("table", "client_id", "seq", "total_rows", "ids", "grads", "rank", "world_size", "step_timeout_ms", "lr", "staging")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class UpdateChunk(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    STAGING_FIELD_NUMBER: _ClassVar[int]
     table: str
     client_id: str
     seq: int
@@ -155,7 +156,8 @@ class UpdateChunk(_message.Message):
     world_size: int
     step_timeout_ms: int
     lr: float
-    def __init__(self, table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step_timeout_ms: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    staging: str
+    def __init__(self, table: _Optional[str] = ..., client_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., grads: _Optional[bytes] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step_timeout_ms: _Optional[int] = ..., lr: _Optional[float] = ..., staging: _Optional[str] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("applied", "rows", "previous_seq")
@@ -235,17 +237,19 @@ class MapTableRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ...) -> None: ...
 
 class MapTableResponse(_message.Message):
-    __slots__ = ("spec", "shard_index", "shard_count", "path", "generation", "boot_id")
+    __slots__ = ("spec", "shard_index", "shard_count", "path", "generation", "boot_id", "staging_dir")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGING_DIR_FIELD_NUMBER: _ClassVar[int]
     spec: TableSpec
     shard_index: int
     shard_count: int
     path: str
     generation: int
     boot_id: str
-    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
+    staging_dir: str
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ..., boot_id: _Optional[str] = ..., staging_dir: _Optional[str] = ...) -> None: ...
