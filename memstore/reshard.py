@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import lmdb
 import numpy as np
 
 from memstore.backends.common import MAX_CLIENTS, SNAPSHOTS_DIR, DataDirLock
-from memstore.backends.lmdb_table import LOADED_FROM_KEY
+from memstore.backends.lmdb_table import LOADED_FROM_KEY, read_meta
 from memstore.errors import FailedPrecondition, MemStoreError
 from memstore.snapshot import Snapshot, SnapshotWriter, list_snapshots, new_snapshot_path, read_snapshot
 from memstore.spec import TableSpec, check_table_name
@@ -278,18 +277,8 @@ def _check_fresh(config: ReshardConfig, source: Path, snap: Snapshot, log: Log) 
 
 def _built_from(table_dir: Path) -> str | None:
     """The snapshot an LMDB table was built from, if it has not been updated since."""
-    try:
-        env = lmdb.open(str(table_dir), readonly=True, lock=False, max_dbs=8, subdir=True)
-    except lmdb.Error:
-        return None
-    try:
-        with env.begin(db=env.open_db(b"meta", create=False)) as txn:
-            value = txn.get(LOADED_FROM_KEY)
-        return None if value is None else value.decode()
-    except lmdb.Error:
-        return None
-    finally:
-        env.close()
+    value = read_meta(table_dir, LOADED_FROM_KEY)
+    return None if value is None else value.decode()
 
 
 def _spec_diff(a: TableSpec, b: TableSpec) -> str:

@@ -39,6 +39,22 @@ _AGE_KEY = struct.Struct(">Q")
 _PER_ROW_OVERHEAD = 64  # bytes: key, node header, B-tree slack (used only to pre-grow the map)
 
 
+def read_meta(table_dir: Path, key: bytes) -> bytes | None:
+    """One value of a table's `meta` database, read from a table nobody has open (start-up
+    recovery, offline tools); None when it is missing or the directory is no table."""
+    try:
+        env = lmdb.open(str(table_dir), readonly=True, lock=False, max_dbs=8, subdir=True)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+            return txn.get(key)
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
+
+
 def row_keys(ids: np.ndarray) -> list[bytes]:
     """int64 ids → 8-byte big-endian keys, without a per-row Python loop."""
     return np.ascontiguousarray(ids, dtype=">i8").view("V8").tolist()

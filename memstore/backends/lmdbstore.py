@@ -45,7 +45,7 @@ import msgpack
 
 from memstore.backends.base import Backend, Table
 from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, Tombstones
-from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable
+from memstore.backends.lmdb_table import SPEC_KEY, LmdbTable, read_meta
 from memstore.errors import AlreadyExists, FailedPrecondition, NotFound
 from memstore.snapshot import (
     Snapshot,
@@ -176,20 +176,14 @@ class LmdbBackend(Backend):
             shutil.rmtree(path)
         fsync_dir(tables_dir)
 
-    def _holds_table(self, path: Path, name: str) -> bool:
+    @staticmethod
+    def _holds_table(path: Path, name: str) -> bool:
         """Whether `path` is a complete LMDB table named `name` (its committed spec says so)."""
+        raw = read_meta(path, SPEC_KEY)
         try:
-            env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=8, subdir=True)
-        except lmdb.Error:
-            return False
-        try:
-            with env.begin(db=env.open_db(b"meta", create=False)) as txn:
-                raw = txn.get(SPEC_KEY)
             return raw is not None and TableSpec.from_dict(msgpack.unpackb(raw)).name == name
-        except (lmdb.Error, ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             return False
-        finally:
-            env.close()
 
     def _load_temp(self, snapshot: Snapshot) -> Path:
         """Load `snapshot` into `tables/.restore-<name>-<id>/` with unsynced commits, fsynced
