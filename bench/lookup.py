@@ -5,6 +5,7 @@ Systems, all reading the same rows (checked before timing):
 - memstore ram   `MemStoreClient.lookup` over loopback gRPC to a `memstore serve --backend ram`.
 - memstore ram same-host  the same server's table mapped read-only by this process
                  (`shared_memory="on"`, memstore/shm.py): the gather runs here, no RPC.
+- memstore lmdb same-host  the LMDB server's environment opened read-only by this process.
 - memstore lmdb  the same against `--backend lmdb` (page cache warm: the file was just written).
 - redis MGET     one MGET of all ids from a local redis-server (hiredis parser), decoded to an array.
 - lmdb get loop  py-lmdb in this process: one read txn, `txn.get` per id in request order.
@@ -41,6 +42,7 @@ from memstore.dtypes import storage_dtype
 
 NUMPY, RAM, LMDB = "numpy gather", "memstore ram", "memstore lmdb"
 RAM_SAME_HOST = "memstore ram same-host"
+SAME_HOST = {"ram": RAM_SAME_HOST, "lmdb": "memstore lmdb same-host"}
 REDIS, RAW_LMDB = "redis MGET", "lmdb get loop"
 PROFILE_SIZE, PROFILE_SECONDS = 65536, 8.0  # --profile: ids per lookup, seconds per system
 IDS_PER_SETTING = 1 << 21  # ids generated per setting: small batches rotate through many (cold caches)
@@ -83,10 +85,9 @@ def start_systems(stack: contextlib.ExitStack, cfg: BenchConfig, tables: dict[st
         client = stack.enter_context(MemStoreClient(server.target, shared_memory="off"))
         for d in cfg.dtypes:
             systems[d][label] = partial(client.lookup, table_name(d))
-        if backend == "ram":
-            mapped = stack.enter_context(MemStoreClient(server.target, shared_memory="on"))
-            for d in cfg.dtypes:
-                systems[d][RAM_SAME_HOST] = partial(mapped.lookup, table_name(d))
+        mapped = stack.enter_context(MemStoreClient(server.target, shared_memory="on"))
+        for d in cfg.dtypes:
+            systems[d][SAME_HOST[backend]] = partial(mapped.lookup, table_name(d))
     redis_path, redis_missing = find_redis()
     if redis_path:
         redis = stack.enter_context(RedisServer(redis_path, work / "redis"))

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Self, TypeVar
 
 import grpc
+import lmdb
 import numpy as np
 
 from memstore import shm
+from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, decode_values, row_keys
 from memstore.dtypes import storage_dtype
 from memstore.errors import FailedPrecondition, MemStoreError, from_status
 from memstore.protocol import (
@@ -170,7 +173,7 @@ class MemStoreClient:
         if shared_memory not in ("auto", "on", "off"):
             raise ValueError(f"shared_memory must be 'auto', 'on' or 'off', got {shared_memory!r}")
         self.shared_memory = shared_memory
-        self._views: dict[str, SharedView | None] = {}  # table → its mapping; None: gRPC for it
+        self._views: dict[str, SharedView | LmdbView | None] = {}  # table → its mapping; None: gRPC for it
         self._views_lock = threading.RLock()  # lookups (several threads) and the update sender map tables
         self._views_swept = 0.0
         self._staging_name = f"{uuid.uuid4().hex}.buf"  # this client's file for staged Update payloads
@@ -285,17 +288,17 @@ class MemStoreClient:
                 self._drop_view(name)
         return None if self.shared_memory == "auto" else self._fail_shared(name, "its mapping keeps going stale")
 
-    def _view(self, name: str) -> SharedView | None:
+    def _view(self, name: str) -> SharedView | LmdbView | None:
         """The table's mapping, made on first use; None: gRPC for now (cached when the server or
         the host says the table cannot be mapped, not after a transient error)."""
         with self._views_lock:
             return self._map(name)
 
-    def _map(self, name: str) -> SharedView | None:
+    def _map(self, name: str) -> SharedView | LmdbView | None:
         if name in self._views:
             return self._views[name]
         try:
-            view = SharedView(self._call(self._stub.MapTable, pb.MapTableRequest(table=name)))
+            view = open_view(self._call(self._stub.MapTable, pb.MapTableRequest(table=name)))
         except (shm.StaleMapping, shm.UnsafeDirectory) as exc:  # another host, or not this user's files
             reason = str(exc)
         except MemStoreError as exc:
@@ -543,14 +546,96 @@ class MemStoreClient:
         self.close()
 
 
-class SharedView:
-    """A table of a co-located server, mapped read-only (see `memstore.shm`)."""
+def open_view(response: pb.MapTableResponse) -> SharedView | LmdbView:
+    """The same-host reader of a MapTable answer; StaleMapping when it cannot be used here."""
+    if response.boot_id != shm.boot_id():
+        raise shm.StaleMapping("the server runs on another host")
+    return LmdbView(response) if response.kind == "lmdb" else SharedView(response)
+
+
+def _local_ids(spec: TableSpec, ids: np.ndarray) -> np.ndarray | None:
+    """This shard's rows of global `ids`; None for ids only the server may refuse (out of range,
+    another shard's): the gRPC path answers those with the right error."""
+    if len(ids) and (ids.min() < 0 or ids.max() >= spec.num_rows
+                     or (spec.shard_count > 1 and np.any(ids % spec.shard_count != spec.shard_index))):
+        return None
+    return spec.to_local(ids)
+
+
+def _served_spec(response: pb.MapTableResponse) -> TableSpec:
+    return replace(spec_from_pb(response.spec), shard_index=response.shard_index, shard_count=response.shard_count or 1)
+
+
+class LmdbView:
+    """An LMDB table of a co-located server, its environment opened read-only here (LMDB is built
+    for readers in other processes). One read transaction per lookup: each update whole or not
+    at all, as over gRPC. The server marks the environment retired before a drop or a restore."""
+
+    staging_dir = None  # updates to LMDB tables travel over gRPC
 
     def __init__(self, response: pb.MapTableResponse):
-        if response.boot_id != shm.boot_id():
-            raise shm.StaleMapping("the server runs on another host")
-        self.spec = replace(spec_from_pb(response.spec), shard_index=response.shard_index,
-                            shard_count=response.shard_count or 1)
+        if response.pid == os.getpid():  # LMDB: never one environment twice in a process
+            raise shm.StaleMapping("the server runs in this process")
+        self.spec, self.generation = _served_spec(response), response.generation
+        self.storage = storage_dtype(self.spec.dtype)
+        try:
+            self.env = lmdb.open(response.path, readonly=True, lock=True, max_dbs=8, subdir=True)
+            self.rows_db = self.env.open_db(b"rows", create=False)
+            self.meta_db = self.env.open_db(b"meta", create=False)
+        except lmdb.Error as exc:
+            raise shm.StaleMapping(f"cannot open {response.path} read-only: {exc}") from None
+        self.alive_or_raise()
+
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin(db=self.rows_db)
+        except lmdb.MapResizedError:  # the server grew the map: adopt its size
+            self.env.set_mapsize(0)
+            return self.env.begin(db=self.rows_db)
+
+    def _check(self, txn: lmdb.Transaction) -> None:
+        generation = txn.get(GENERATION_KEY, db=self.meta_db)
+        if txn.get(RETIRED_KEY, db=self.meta_db) is not None or generation is None \
+                or int.from_bytes(generation, "big") != self.generation:
+            raise shm.StaleMapping(f"table {self.spec.name!r} was dropped or restored")
+
+    def alive_or_raise(self) -> None:
+        with self._begin() as txn:
+            self._check(txn)
+
+    def alive(self) -> bool:
+        try:
+            self.alive_or_raise()
+        except (shm.StaleMapping, lmdb.Error):
+            return False
+        return True
+
+    def close(self) -> None:
+        self.env.close()
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray | None:
+        local = _local_ids(self.spec, ids)
+        if local is None:
+            return None
+        unique, inverse = np.unique(local, return_inverse=True)  # sorted keys walk the B-tree in order
+        keys = row_keys(unique)
+        try:
+            with self._begin() as txn:
+                self._check(txn)
+                values = list(map(txn.get, keys))
+        except lmdb.Error as exc:
+            raise shm.StaleMapping(f"reading {self.spec.name!r}: {exc}") from None
+        rows, missing = decode_values(values, self.storage, self.spec.dim)  # (u, dim)
+        if missing.any():
+            rows[missing] = shm.initial_stored(self.spec, unique[missing])
+        return np.take(rows, inverse, axis=0)
+
+
+class SharedView:
+    """A RAM table of a co-located server, mapped read-only (see `memstore.shm`)."""
+
+    def __init__(self, response: pb.MapTableResponse):
+        self.spec = _served_spec(response)
         self.generation = response.generation
         self.files = shm.open_readonly(Path(response.path), self.spec, self.generation)
         self.staging_dir = Path(response.staging_dir) if response.staging_dir else None
@@ -566,14 +651,12 @@ class SharedView:
         self.files.close()
 
     def lookup(self, ids: np.ndarray) -> np.ndarray | None:
-        """Rows of global `ids`; None for ids only the server may refuse (out of range, another
-        shard's): the gRPC path answers those with the right error."""
-        spec = self.spec
-        if len(ids) and (ids.min() < 0 or ids.max() >= spec.num_rows
-                         or (spec.shard_count > 1 and np.any(ids % spec.shard_count != spec.shard_index))):
+        """Rows of global `ids`; None for ids only the server may refuse (`_local_ids`)."""
+        local = _local_ids(self.spec, ids)
+        if local is None:
             return None
         shm.check(self.files, self.generation)
-        rows, _ = shm.gather(self.files.rows, self.files.materialized, spec, spec.to_local(ids))
+        rows, _ = shm.gather(self.files.rows, self.files.materialized, self.spec, local)
         shm.check(self.files, self.generation)  # dropped or replaced meanwhile: these rows are not trusted
         return rows
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -111,10 +112,11 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
         return pb.SnapshotResponse(paths=await self._run(self.store.snapshot, request.table, request.tag))
 
     async def MapTable(self, request: pb.MapTableRequest, context) -> pb.MapTableResponse:
-        spec, path, generation = self.store.map_table(request.table)
+        spec, kind, path, generation = self.store.map_table(request.table)
         return pb.MapTableResponse(spec=spec_to_pb(spec), shard_index=spec.shard_index, shard_count=spec.shard_count,
                                    path=str(path), generation=generation, boot_id=shm.boot_id(),
-                                   staging_dir=str(self.store.staging_dir() or ""))
+                                   staging_dir=str(self.store.staging_dir() or "") if kind == "ram" else "",
+                                   kind=kind, pid=os.getpid())
 
     async def Restore(self, request: pb.RestoreRequest, context) -> pb.RestoreResponse:
         path, changed = await self._run(self.store.restore, request.table, request.tag)

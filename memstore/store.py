@@ -143,15 +143,15 @@ class Store:
         shm_dir = getattr(self.backend, "shm_dir", None)
         return None if shm_dir is None else shm_dir / "staging"
 
-    def map_table(self, name: str) -> tuple[TableSpec, Path, int]:
-        """(spec, directory, generation) of a table that co-located clients may map read-only."""
+    def map_table(self, name: str) -> tuple[TableSpec, str, Path, int]:
+        """(spec, kind, directory, generation) of a table co-located clients may read themselves."""
         table = self.backend.get(name)
-        shared = getattr(table, "shared", None)
-        if shared is None:
+        location = table.shared_location()
+        if location is None:
             raise FailedPrecondition(
-                f"table {name!r} is not in shared memory on this server ({self.backend.name} backend"
-                f"{'' if self.backend.name != 'ram' else ', shm_dir off or ram_memmap on'}): use gRPC lookups")
-        return table.spec, shared.path, shared.generation
+                f"table {name!r} is not in shared memory on this server ({self.backend.name} backend, shm_dir "
+                "off, ram_memmap on, or too big for the tmpfs): use gRPC lookups")
+        return (table.spec, *location)
 
     def last_seq(self, name: str, client_id: str) -> int | None:
         """The last seq (training step + 1) applied for `client_id` on table `name`."""

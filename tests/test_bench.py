@@ -55,7 +55,8 @@ def test_quick_bench_runs_every_section(tmp_path):
     assert list(sections) == ["lookup", "update", "hashing", "e2e", "scaling", "cache"]
     assert all(s["records"] for s in sections.values() if not s["skipped"])
     systems = {r["system"] for r in sections["lookup"]["records"]}
-    assert {"numpy gather", "memstore ram", "memstore ram same-host", "memstore lmdb", "lmdb get loop"} <= systems
+    assert {"numpy gather", "memstore ram", "memstore ram same-host", "memstore lmdb", "memstore lmdb same-host",
+            "lmdb get loop"} <= systems
     redis_found = procs.find_redis()[0] is not None
     assert ("redis MGET" in systems) == redis_found
     assert [g["target"] for g in result["goals"]] == [">= 0.25", ">= 10", ">= 1.5", "<= 1.03", ">= 0.5", ">= 30"]

@@ -126,13 +126,47 @@ def test_a_client_without_the_token_maps_nothing(tmp_path):
         assert "t" not in intruder._views
 
 
-def test_on_fails_clearly_where_tables_are_not_in_shared_memory(tmp_path):
-    with in_process(tmp_path / "d", "lmdb") as server:
+@pytest.mark.parametrize("backend, overrides, why", [
+    ("ram", {"shm_dir": ""}, "not in shared memory"),
+    ("lmdb", {}, "the server runs in this process"),  # LMDB: never one environment twice in a process
+])
+def test_on_fails_clearly_where_the_same_host_path_is_impossible(tmp_path, backend, overrides, why):
+    with in_process(tmp_path / "d", backend, **overrides) as server:
         client = MemStoreClient(server.target, shared_memory="on")
         client.create_table("t", 10, 2)
-        with pytest.raises(FailedPrecondition, match="shared_memory='on' but .* not in shared memory"):
+        with pytest.raises(FailedPrecondition, match=f"shared_memory='on' but .*{why}"):
             client.lookup("t", [1])
         assert MemStoreClient(server.target).lookup("t", [1]).shape == (1, 2)  # auto: gRPC, silently
+
+
+@pytest.mark.subprocess
+def test_lmdb_readers_in_other_processes_equal_grpc_through_updates_restore_and_drop(tmp_path):
+    with ServeProcess(tmp_path / "d", "lmdb") as daemon:
+        shared, plain = pair(daemon.target)
+        shared.create_table("t", 300_000, 16, dtype="bfloat16", optimizer="adagrad", lr=0.1)
+        ids = RNG.integers(0, 300_000, 20_000)
+        assert_same(shared, plain, "t", ids)
+        for step in range(3):  # 300k rows x 3: the LMDB map grows under the reader
+            shared.update("t", np.arange(300_000), RNG.standard_normal((300_000, 16)).astype(np.float32), step=step)
+            assert_same(shared, plain, "t", ids)
+        assert type(shared._views["t"]).__name__ == "LmdbView"
+        plain.snapshot("t", tag="ck")
+        plain.update("t", ids[:10], np.ones((10, 16)))
+        plain.restore("t", "ck")                                   # a new environment: the reader follows
+        assert_same(shared, plain, "t", ids)
+        plain.drop_table("t")
+        plain.create_table("t", 300_000, 4)
+        assert_same(shared, plain, "t", ids)
+
+
+@pytest.mark.subprocess
+def test_four_client_processes_read_one_lmdb_table_at_once(tmp_path):
+    with ServeProcess(tmp_path / "d", "lmdb") as daemon:
+        MemStoreClient(daemon.target).create_table("t", 50_000, 16)
+        readers = [subprocess.Popen([sys.executable, "-c", READER, daemon.target, str(i)], cwd=ROOT,
+                                    stdout=subprocess.PIPE, text=True) for i in range(4)]
+        outputs = [r.communicate(timeout=120)[0].strip() for r in readers]
+    assert outputs == ["ok"] * 4
 
 
 def test_shared_memory_files_are_private_to_the_daemons_user(tmp_path):

@@ -75,6 +75,10 @@ class Table(ABC):
         the check. The (client_id → last seq) memory is bounded and persisted with the table.
         """
 
+    def shared_location(self) -> tuple[str, Path, int] | None:
+        """(kind, directory, generation) for same-host readers, or None when they cannot map it."""
+        return None
+
     @abstractmethod
     def last_seq(self, client_id: str) -> int | None:
         """The last seq applied for `client_id` (None: none remembered)."""

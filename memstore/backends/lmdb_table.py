@@ -10,6 +10,7 @@ import operator
 import os
 import struct
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import islice, repeat
@@ -34,6 +35,8 @@ log = logging.getLogger("memstore.backends.lmdb")
 SNAPSHOT_CHUNK_ROWS = 1 << 16  # rows per step when streaming a snapshot out or in
 SPEC_KEY = b"spec"
 LOADED_FROM_KEY = b"loaded_from"  # meta: the snapshot a table was built from, until its first update
+GENERATION_KEY = b"generation"    # meta: random per table incarnation (same-host readers check it)
+RETIRED_KEY = b"retired"          # meta: set before a drop or a restore takes the environment away
 _DEDUP_VALUE = struct.Struct(">QQ")  # last seq, age
 _AGE_KEY = struct.Struct(">Q")
 _PER_ROW_OVERHEAD = 64  # bytes: key, node header, B-tree slack (used only to pre-grow the map)
@@ -134,6 +137,28 @@ class LmdbTable(Table):
         self._pid = os.getpid()
         self._closed = False
         self._version = 0  # updates committed since this environment was opened
+        self.generation = self._generation()
+
+    def _generation(self) -> int:
+        """This incarnation's id, made at first open (tables of older versions get one then)."""
+        with self._env.begin(db=self._meta_db) as txn:
+            raw = txn.get(GENERATION_KEY)
+        if raw is not None:
+            return int.from_bytes(raw, "big")
+        generation = uuid.uuid4().int >> 65
+        with self._env.begin(write=True, db=self._meta_db) as txn:
+            txn.put(GENERATION_KEY, generation.to_bytes(8, "big"))
+        return generation
+
+    def shared_location(self) -> tuple[str, Path, int]:
+        """Same-host clients open this environment read-only (memstore.client.LmdbView)."""
+        return "lmdb", self.path, self.generation
+
+    def retire(self) -> None:
+        """Tell same-host readers, in their next read transaction, that this environment is going."""
+        with self._write_lock:
+            self._check_usable()
+            self._write(0, lambda txn: txn.put(RETIRED_KEY, b"1", db=self._meta_db))
 
     # ---- data path ------------------------------------------------------------------------
 

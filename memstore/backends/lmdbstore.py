@@ -153,6 +153,7 @@ class LmdbBackend(Backend):
         fsync_dir(tables_dir)
         with self._admin:
             old = self.get(name)
+            old.retire()  # same-host readers map the restored table instead
             trash = tables_dir / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
             os.rename(old.path, trash)  # still open: an environment's files move with their directory
             os.rename(ready, tables_dir / name)
@@ -240,6 +241,7 @@ class LmdbBackend(Backend):
         with self._admin:
             table = self.get(name)
             self._tombstones.mark(name)  # from here a crash finishes the drop at the next start
+            table.retire()  # same-host readers stop trusting it
             del self._tables[name]
             table.close()  # waits for the writer and open transactions
             with self._snapshot_locks.setdefault(name, threading.Lock()):  # after a snapshot in flight

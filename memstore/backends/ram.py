@@ -184,6 +184,10 @@ class RamTable(Table):
             self._version += 1
             return True
 
+    def shared_location(self) -> tuple[str, Path, int] | None:
+        """Where same-host clients map this table (None: in private memory)."""
+        return None if self.shared is None else ("ram", self.shared.path, self.shared.generation)
+
     def last_seq(self, client_id: str) -> int | None:
         return self._dedup.last(client_id)
 

@@ -237,7 +237,7 @@ class MapTableRequest(_message.Message):
     def __init__(self, table: _Optional[str] = ...) -> None: ...
 
 class MapTableResponse(_message.Message):
-    __slots__ = ("spec", "shard_index", "shard_count", "path", "generation", "boot_id", "staging_dir")
+    __slots__ = ("spec", "shard_index", "shard_count", "path", "generation", "boot_id", "staging_dir", "kind", "pid")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +245,8 @@ class MapTableResponse(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     STAGING_DIR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     spec: TableSpec
     shard_index: int
     shard_count: int
@@ -252,4 +254,6 @@ class MapTableResponse(_message.Message):
     generation: int
     boot_id: str
     staging_dir: str
-    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ..., boot_id: _Optional[str] = ..., staging_dir: _Optional[str] = ...) -> None: ...
+    kind: str
+    pid: int
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., path: _Optional[str] = ..., generation: _Optional[int] = ..., boot_id: _Optional[str] = ..., staging_dir: _Optional[str] = ..., kind: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...

@@ -149,9 +149,9 @@ class MemStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MapTable(self, request, context):
-        """Same-host data plane: where a RAM table's shared-memory files are, so that a client on the
-        same machine (and user) maps them read-only and gathers rows itself (memstore/shm.py).
-        FAILED_PRECONDITION when the server keeps this table in private memory or on disk.
+        """Same-host data plane: where a table's files are, so that a client on the same machine (and
+        user) reads rows itself: a RAM table's shared memory (memstore/shm.py) or an LMDB environment.
+        FAILED_PRECONDITION when the server keeps this table in private memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
