@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--memstore", default=None, metavar="HOST:PORT,...",
                    help="use these running shards (in shard-index order) instead of starting a daemon")
     g.add_argument("--backend", choices=("ram", "lmdb"), default="ram",
-                   help="backend of the started daemon (ram: the trainer maps its table from shared memory)")
+                   help="backend of the started daemon (the trainer reads its rows itself: shared memory, or LMDB read-only)")
     g.add_argument("--lmdb-sync", choices=("true", "false"), default="false",
                    help="fsync every update commit (off by default: the demo's data dir is thrown away)")
     g.add_argument("--keep-data", action="store_true", help="keep the daemon's data dir in the run folder")

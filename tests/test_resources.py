@@ -173,7 +173,7 @@ def test_a_request_too_large_for_memory_is_refused(tmp_path):
     lives on. The address space is capped so that this holds on a machine of any size."""
     with ServeProcess(tmp_path / "data", "lmdb", "--lmdb-map-size", str(16 << 20),
                       "--max-request-bytes", str(1 << 40)) as srv, \
-            MemStoreClient(srv.target, retry_timeout_s=5, parallel_calls=1) as client:  # one call: no client buffer
+            MemStoreClient(srv.target, retry_timeout_s=5, parallel_calls=1, shared_memory="off") as client:  # one call
         client.create_table("wide", 10**9, 65536)
         vm_bytes = _vm_size(srv.proc.pid)
         resource.prlimit(srv.proc.pid, resource.RLIMIT_AS, (vm_bytes + (2 << 30), resource.RLIM_INFINITY))
