@@ -283,3 +283,30 @@ def test_a_staged_update_is_refused_unless_it_names_a_good_file(tmp_path, stagin
                 call(iter([encode_update_chunk(b"", b"", table="t", total_rows=2, staging=staging)]), timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in refused.value.details()
         assert client.lookup("t", [1]).shape == (1, 4)                 # and the server goes on
+
+
+@pytest.mark.subprocess
+def test_lmdb_readers_follow_a_daemon_restart_and_see_updates_whole(tmp_path):
+    """One read transaction per lookup: a lookup racing updates sees each update entirely or not
+    at all (every row of it moves together), and a restarted daemon serves the same committed rows."""
+    with ServeProcess(tmp_path / "d", "lmdb", "--lmdb-sync", "false") as daemon:
+        shared, plain = pair(daemon.target)
+        shared.create_table("t", 5000, 4, init="zeros", optimizer="sgd", lr=1.0)
+        ids = np.arange(5000)
+        stop, seen = threading.Event(), []
+
+        def read() -> None:
+            while not stop.is_set():
+                seen.append(shared.lookup("t", ids))
+        reader = threading.Thread(target=read)
+        reader.start()
+        for step in range(10):
+            plain.update("t", ids, np.ones((5000, 4), np.float32), step=step)
+        stop.set()
+        reader.join()
+        assert seen and all(len(np.unique(rows)) == 1 for rows in seen)  # never a half-applied update
+        daemon.stop()
+        daemon.restart()
+        plain.retry_timeout_s = 30
+        assert_same(shared, plain, "t", ids)
+        assert shared.lookup("t", [0])[0, 0] == -10.0
