@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -30,7 +31,7 @@ import lmdb
 import numpy as np
 
 from memstore import shm
-from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, decode_values, row_keys
+from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, Gate, decode_values, row_keys
 from memstore.dtypes import storage_dtype
 from memstore.errors import FailedPrecondition, MemStoreError, from_status
 from memstore.protocol import (
@@ -285,7 +286,7 @@ class MemStoreClient:
             try:
                 return view.lookup(ids)
             except shm.StaleMapping:
-                self._drop_view(name)
+                self._drop_view(name, view)
         return None if self.shared_memory == "auto" else self._fail_shared(name, "its mapping keeps going stale")
 
     def _view(self, name: str) -> SharedView | LmdbView | None:
@@ -299,8 +300,12 @@ class MemStoreClient:
             return self._views[name]
         try:
             view = open_view(self._call(self._stub.MapTable, pb.MapTableRequest(table=name)))
-        except (shm.StaleMapping, shm.UnsafeDirectory) as exc:  # another host, or not this user's files
+        except (shm.NotHere, shm.UnsafeDirectory) as exc:  # another host or process, not this user's files
             reason = str(exc)
+        except shm.StaleMapping as exc:  # replaced while being mapped: gRPC now, map again next time
+            if self.shared_memory == "on":
+                self._fail_shared(name, str(exc))
+            return None
         except MemStoreError as exc:
             if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
                 if self.shared_memory == "on" or exc.code == grpc.StatusCode.UNAUTHENTICATED:
@@ -315,10 +320,14 @@ class MemStoreClient:
         self._views[name] = None
         return None
 
-    def _drop_view(self, name: str) -> None:
+    def _drop_view(self, name: str, stale: SharedView | LmdbView | None = None) -> None:
+        """Forget the table's mapping (only `stale`, when given: another thread may have mapped
+        it again meanwhile); closed under the lock, so no new mapping of it overlaps."""
         with self._views_lock:
-            view = self._views.pop(name, None)
-        if view is not None:
+            view = self._views.get(name)
+            if view is None or (stale is not None and view is not stale):
+                return
+            del self._views[name]
             view.close()
 
     def _forget_dead_views(self) -> None:
@@ -330,7 +339,7 @@ class MemStoreClient:
         self._views_swept = now
         for name, view in list(self._views.items()):
             if view is not None and not view.alive():
-                self._drop_view(name)
+                self._drop_view(name, view)
 
     def shared_tables(self) -> list[str]:
         """Tables this client reads through shared memory (the same-host path), so far."""
@@ -549,7 +558,7 @@ class MemStoreClient:
 def open_view(response: pb.MapTableResponse) -> SharedView | LmdbView:
     """The same-host reader of a MapTable answer; StaleMapping when it cannot be used here."""
     if response.boot_id != shm.boot_id():
-        raise shm.StaleMapping("the server runs on another host")
+        raise shm.NotHere("the server runs on another host")
     return LmdbView(response) if response.kind == "lmdb" else SharedView(response)
 
 
@@ -575,7 +584,8 @@ class LmdbView:
 
     def __init__(self, response: pb.MapTableResponse):
         if response.pid == os.getpid():  # LMDB: never one environment twice in a process
-            raise shm.StaleMapping("the server runs in this process")
+            raise shm.NotHere("the server runs in this process")
+        self._gate = Gate()  # lookups share the environment; adopting a grown map needs it alone
         self.spec, self.generation = _served_spec(response), response.generation
         self.storage = storage_dtype(self.spec.dtype)
         try:
@@ -586,12 +596,21 @@ class LmdbView:
             raise shm.StaleMapping(f"cannot open {response.path} read-only: {exc}") from None
         self.alive_or_raise()
 
-    def _begin(self) -> lmdb.Transaction:
-        try:
-            return self.env.begin(db=self.rows_db)
-        except lmdb.MapResizedError:  # the server grew the map: adopt its size
-            self.env.set_mapsize(0)
-            return self.env.begin(db=self.rows_db)
+    @contextmanager
+    def _txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction; when the server has grown the map, its size is adopted first, with
+        no other transaction of this environment open (LMDB's rule)."""
+        for _ in range(2):
+            with self._gate.shared():
+                try:
+                    with self.env.begin(db=self.rows_db) as txn:
+                        yield txn
+                        return
+                except lmdb.MapResizedError:
+                    pass
+            with self._gate.exclusive():
+                self.env.set_mapsize(0)  # 0: take the size the writer set
+        raise shm.StaleMapping(f"table {self.spec.name!r}: the map keeps growing under this reader")
 
     def _check(self, txn: lmdb.Transaction) -> None:
         generation = txn.get(GENERATION_KEY, db=self.meta_db)
@@ -600,7 +619,7 @@ class LmdbView:
             raise shm.StaleMapping(f"table {self.spec.name!r} was dropped or restored")
 
     def alive_or_raise(self) -> None:
-        with self._begin() as txn:
+        with self._txn() as txn:
             self._check(txn)
 
     def alive(self) -> bool:
@@ -611,7 +630,8 @@ class LmdbView:
         return True
 
     def close(self) -> None:
-        self.env.close()
+        with self._gate.exclusive():  # after the lookups still running on it
+            self.env.close()
 
     def lookup(self, ids: np.ndarray) -> np.ndarray | None:
         local = _local_ids(self.spec, ids)
@@ -620,7 +640,7 @@ class LmdbView:
         unique, inverse = np.unique(local, return_inverse=True)  # sorted keys walk the B-tree in order
         keys = row_keys(unique)
         try:
-            with self._begin() as txn:
+            with self._txn() as txn:
                 self._check(txn)
                 values = list(map(txn.get, keys))
         except lmdb.Error as exc:

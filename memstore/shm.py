@@ -58,6 +58,10 @@ class StaleMapping(Exception):
     """The mapped table was dropped, restored elsewhere or replaced: map it again."""
 
 
+class NotHere(StaleMapping):
+    """The table can never be read this way from here (another host, the server's own process)."""
+
+
 def boot_id() -> str:
     """Identifies this boot of this machine: equal ids mean the same host (and its /dev/shm)."""
     try:

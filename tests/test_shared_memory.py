@@ -310,3 +310,32 @@ def test_lmdb_readers_follow_a_daemon_restart_and_see_updates_whole(tmp_path):
         plain.retry_timeout_s = 30
         assert_same(shared, plain, "t", ids)
         assert shared.lookup("t", [0])[0, 0] == -10.0
+
+
+@pytest.mark.subprocess
+def test_lmdb_readers_on_several_threads_follow_map_growth(tmp_path):
+    """Adopting a grown map needs no other read transaction open in the process: lookups of one
+    client on four threads, while another client's updates grow the map, all succeed."""
+    with ServeProcess(tmp_path / "d", "lmdb", "--lmdb-map-size", str(4 << 20)) as daemon:
+        shared, plain = pair(daemon.target)
+        shared.create_table("t", 400_000, 32)
+        ids = np.arange(0, 400_000, 7)
+        errors, stop = [], threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    shared.lookup("t", ids)
+                except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                    errors.append(exc)
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        for step in range(6):
+            plain.update("t", np.arange(step * 60_000, (step + 1) * 60_000), np.ones((60_000, 32)), step=step)
+        stop.set()
+        for reader in readers:
+            reader.join()
+        assert errors == []
+        assert type(shared._views["t"]).__name__ == "LmdbView"
+        assert_same(shared, plain, "t", ids)

@@ -82,7 +82,7 @@ def decode_values(values: list[bytes | None], dtype: np.dtype, width: int) -> tu
     return out, missing
 
 
-class _Gate:
+class Gate:
     """Many holders in shared mode (transactions) or one in exclusive mode (set_mapsize, close).
     A waiting exclusive holder blocks new shared ones, so a resize cannot be starved."""
 
@@ -132,7 +132,7 @@ class LmdbTable(Table):
         self._meta_db = env.open_db(b"meta")
         self._storage = dtypes.storage_dtype(spec.dtype)
         self._width = optimizers.state_width(spec.optimizer, spec.dim)
-        self._gate = _Gate()
+        self._gate = Gate()
         self._write_lock = threading.Lock()  # one writer at a time; also guards resizing
         self._pid = os.getpid()
         self._closed = False
