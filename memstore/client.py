@@ -14,24 +14,20 @@
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Self, TypeVar
 
 import grpc
-import lmdb
 import numpy as np
 
 from memstore import shm
-from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, Gate, decode_values, row_keys
 from memstore.dtypes import storage_dtype
 from memstore.errors import FailedPrecondition, MemStoreError, from_status
 from memstore.protocol import (
@@ -42,7 +38,9 @@ from memstore.protocol import (
     spec_to_pb,
     sum_duplicates,
 )
+from memstore.same_host import LmdbView, SharedView, open_view
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.training import Job, StepOrder
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
 from memstore.wire import decode_lookup_chunk, encode_update_chunk
@@ -66,72 +64,6 @@ class TlsConfig:
     def credentials(self) -> grpc.ChannelCredentials:
         read = lambda p: Path(p).read_bytes() if p else None
         return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
-
-
-@dataclass(frozen=True)
-class Job:
-    """The data-parallel job an update belongs to: `world_size` ranks train a table together.
-
-    Each shard applies one optimizer step per training step, with the mean of the ranks'
-    gradients, once all `world_size` contributions have arrived; a step that misses a rank for
-    `step_timeout_s` is dropped on that shard and every waiting rank gets ABORTED. The job's
-    `name` is its identity for exactly-once delivery: every rank of one run uses the same name.
-    """
-    name: str
-    rank: int = 0
-    world_size: int = 1
-    step_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a Job needs a name (the same on every rank)")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
-        if self.step_timeout_s <= 0:
-            raise ValueError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
-
-    @property
-    def client_id(self) -> str:
-        return f"job:{self.name}"
-
-
-class StepOrder:
-    """The sending side of exactly-once training steps, per (table, client_id); one thread only.
-
-    failed[key]  the oldest step that failed and has not been re-sent successfully. Later steps
-                 are refused unsent: a server applies a client's steps in order only (a seq at or
-                 below the last applied is a retry), so a later step applied first would turn the
-                 failed step's re-send into a no-op.
-    acked[key]   the highest step acknowledged: a step at or below it is a re-send.
-    """
-
-    def __init__(self) -> None:
-        self.failed: dict[tuple[str, str], int] = {}
-        self.acked: dict[tuple[str, str], int] = {}
-
-    def check(self, key: tuple[str, str], step: int, where: str) -> bool:
-        """Refuse `step` while an earlier one is failed; returns whether this is its first send."""
-        failed = self.failed.get(key)
-        if failed is not None and step > failed:
-            raise FailedPrecondition(
-                f"step {step} of table {key[0]!r} not sent to {where}: step {failed} failed there and has "
-                "not been re-sent; re-send it first (or restore a checkpoint)")
-        return failed is None and step > self.acked.get(key, -1)
-
-    def record(self, key: tuple[str, str], step: int, ok: bool) -> None:
-        failed = self.failed.get(key)
-        if not ok:
-            self.failed[key] = step if failed is None else min(failed, step)
-            return
-        if failed == step:
-            del self.failed[key]
-        self.acked[key] = max(step, self.acked.get(key, -1))
-
-    def forget(self, table: str) -> None:
-        """The table was restored: its steps are numbered from the checkpoint again."""
-        for memory in (self.failed, self.acked):
-            for key in [k for k in memory if k[0] == table]:
-                del memory[key]
 
 
 @dataclass(frozen=True)
@@ -553,132 +485,6 @@ class MemStoreClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_view(response: pb.MapTableResponse) -> SharedView | LmdbView:
-    """The same-host reader of a MapTable answer; StaleMapping when it cannot be used here."""
-    if response.boot_id != shm.boot_id():
-        raise shm.NotHere("the server runs on another host")
-    return LmdbView(response) if response.kind == "lmdb" else SharedView(response)
-
-
-def _local_ids(spec: TableSpec, ids: np.ndarray) -> np.ndarray | None:
-    """This shard's rows of global `ids`; None for ids only the server may refuse (out of range,
-    another shard's): the gRPC path answers those with the right error."""
-    if len(ids) and (ids.min() < 0 or ids.max() >= spec.num_rows
-                     or (spec.shard_count > 1 and np.any(ids % spec.shard_count != spec.shard_index))):
-        return None
-    return spec.to_local(ids)
-
-
-def _served_spec(response: pb.MapTableResponse) -> TableSpec:
-    return replace(spec_from_pb(response.spec), shard_index=response.shard_index, shard_count=response.shard_count or 1)
-
-
-class LmdbView:
-    """An LMDB table of a co-located server, its environment opened read-only here (LMDB is built
-    for readers in other processes). One read transaction per lookup: each update whole or not
-    at all, as over gRPC. The server marks the environment retired before a drop or a restore."""
-
-    staging_dir = None  # updates to LMDB tables travel over gRPC
-
-    def __init__(self, response: pb.MapTableResponse):
-        if response.pid == os.getpid():  # LMDB: never one environment twice in a process
-            raise shm.NotHere("the server runs in this process")
-        self._gate = Gate()  # lookups share the environment; adopting a grown map needs it alone
-        self.spec, self.generation = _served_spec(response), response.generation
-        self.storage = storage_dtype(self.spec.dtype)
-        try:
-            self.env = lmdb.open(response.path, readonly=True, lock=True, max_dbs=8, subdir=True)
-            self.rows_db = self.env.open_db(b"rows", create=False)
-            self.meta_db = self.env.open_db(b"meta", create=False)
-        except lmdb.Error as exc:
-            raise shm.StaleMapping(f"cannot open {response.path} read-only: {exc}") from None
-        self.alive_or_raise()
-
-    @contextmanager
-    def _txn(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction; when the server has grown the map, its size is adopted first, with
-        no other transaction of this environment open (LMDB's rule)."""
-        for _ in range(2):
-            with self._gate.shared():
-                try:
-                    with self.env.begin(db=self.rows_db) as txn:
-                        yield txn
-                        return
-                except lmdb.MapResizedError:
-                    pass
-            with self._gate.exclusive():
-                self.env.set_mapsize(0)  # 0: take the size the writer set
-        raise shm.StaleMapping(f"table {self.spec.name!r}: the map keeps growing under this reader")
-
-    def _check(self, txn: lmdb.Transaction) -> None:
-        generation = txn.get(GENERATION_KEY, db=self.meta_db)
-        if txn.get(RETIRED_KEY, db=self.meta_db) is not None or generation is None \
-                or int.from_bytes(generation, "big") != self.generation:
-            raise shm.StaleMapping(f"table {self.spec.name!r} was dropped or restored")
-
-    def alive_or_raise(self) -> None:
-        with self._txn() as txn:
-            self._check(txn)
-
-    def alive(self) -> bool:
-        try:
-            self.alive_or_raise()
-        except (shm.StaleMapping, lmdb.Error):
-            return False
-        return True
-
-    def close(self) -> None:
-        with self._gate.exclusive():  # after the lookups still running on it
-            self.env.close()
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray | None:
-        local = _local_ids(self.spec, ids)
-        if local is None:
-            return None
-        unique, inverse = np.unique(local, return_inverse=True)  # sorted keys walk the B-tree in order
-        keys = row_keys(unique)
-        try:
-            with self._txn() as txn:
-                self._check(txn)
-                values = list(map(txn.get, keys))
-        except lmdb.Error as exc:
-            raise shm.StaleMapping(f"reading {self.spec.name!r}: {exc}") from None
-        rows, missing = decode_values(values, self.storage, self.spec.dim)  # (u, dim)
-        if missing.any():
-            rows[missing] = shm.initial_stored(self.spec, unique[missing])
-        return np.take(rows, inverse, axis=0)
-
-
-class SharedView:
-    """A RAM table of a co-located server, mapped read-only (see `memstore.shm`)."""
-
-    def __init__(self, response: pb.MapTableResponse):
-        self.spec = _served_spec(response)
-        self.generation = response.generation
-        self.files = shm.open_readonly(Path(response.path), self.spec, self.generation)
-        self.staging_dir = Path(response.staging_dir) if response.staging_dir else None
-
-    def alive(self) -> bool:
-        try:
-            shm.check(self.files, self.generation)
-        except shm.StaleMapping:
-            return False
-        return True
-
-    def close(self) -> None:
-        self.files.close()
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray | None:
-        """Rows of global `ids`; None for ids only the server may refuse (`_local_ids`)."""
-        local = _local_ids(self.spec, ids)
-        if local is None:
-            return None
-        shm.check(self.files, self.generation)
-        rows, _ = shm.gather(self.files.rows, self.files.materialized, self.spec, local)
-        shm.check(self.files, self.generation)  # dropped or replaced meanwhile: these rows are not trusted
-        return rows
 
 
 class _RowFormatChanged(Exception):
