@@ -2,6 +2,7 @@
 itself (memstore/shm.py). Whatever happens to the table, those rows equal what gRPC returns."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -24,6 +25,28 @@ def pair(target: str, **kwargs) -> tuple[MemStoreClient, MemStoreClient]:
 
 def assert_same(shared: MemStoreClient, grpc_client: MemStoreClient, name: str, ids: np.ndarray) -> None:
     np.testing.assert_array_equal(shared.lookup(name, ids), grpc_client.lookup(name, ids))
+
+
+@contextlib.contextmanager
+def reading(client: MemStoreClient, name: str, ids: np.ndarray, threads: int = 1):
+    """Lookups of `ids` on `threads` threads until the block ends; yields (rows seen, errors)."""
+    seen, errors, stop = [], [], threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(client.lookup(name, ids))
+            except Exception as exc:  # noqa: BLE001 - collected for the assertions
+                errors.append(exc)
+    workers = [threading.Thread(target=read) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield seen, errors
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -81,18 +104,10 @@ def test_lookups_racing_updates_see_each_element_old_or_new(tmp_path):
         shared, plain = pair(server.target)
         shared.create_table("t", 20_000, 8, init="zeros", optimizer="sgd", lr=1.0)
         ids = np.arange(20_000)
-        stop, seen = threading.Event(), []
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(shared.lookup("t", ids))
-        reader = threading.Thread(target=read)
-        reader.start()
-        for _ in range(20):
-            plain.update("t", ids, np.ones((20_000, 8), np.float32))
-        stop.set()
-        reader.join()
-        assert seen and all(np.all((rows <= 0) & (rows >= -20) & (rows == np.round(rows))) for rows in seen)
+        with reading(shared, "t", ids) as (seen, errors):
+            for _ in range(20):
+                plain.update("t", ids, np.ones((20_000, 8), np.float32))
+        assert errors == [] and seen and all(np.all((rows <= 0) & (rows >= -20) & (rows == np.round(rows))) for rows in seen)
         assert_same(shared, plain, "t", ids)
 
 
@@ -293,18 +308,10 @@ def test_lmdb_readers_follow_a_daemon_restart_and_see_updates_whole(tmp_path):
         shared, plain = pair(daemon.target)
         shared.create_table("t", 5000, 4, init="zeros", optimizer="sgd", lr=1.0)
         ids = np.arange(5000)
-        stop, seen = threading.Event(), []
-
-        def read() -> None:
-            while not stop.is_set():
-                seen.append(shared.lookup("t", ids))
-        reader = threading.Thread(target=read)
-        reader.start()
-        for step in range(10):
-            plain.update("t", ids, np.ones((5000, 4), np.float32), step=step)
-        stop.set()
-        reader.join()
-        assert seen and all(len(np.unique(rows)) == 1 for rows in seen)  # never a half-applied update
+        with reading(shared, "t", ids) as (seen, errors):
+            for step in range(10):
+                plain.update("t", ids, np.ones((5000, 4), np.float32), step=step)
+        assert errors == [] and seen and all(len(np.unique(rows)) == 1 for rows in seen)  # never a half-applied update
         daemon.stop()
         daemon.restart()
         plain.retry_timeout_s = 30
@@ -320,22 +327,9 @@ def test_lmdb_readers_on_several_threads_follow_map_growth(tmp_path):
         shared, plain = pair(daemon.target)
         shared.create_table("t", 400_000, 32)
         ids = np.arange(0, 400_000, 7)
-        errors, stop = [], threading.Event()
-
-        def read() -> None:
-            while not stop.is_set():
-                try:
-                    shared.lookup("t", ids)
-                except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                    errors.append(exc)
-        readers = [threading.Thread(target=read) for _ in range(4)]
-        for reader in readers:
-            reader.start()
-        for step in range(6):
-            plain.update("t", np.arange(step * 60_000, (step + 1) * 60_000), np.ones((60_000, 32)), step=step)
-        stop.set()
-        for reader in readers:
-            reader.join()
+        with reading(shared, "t", ids, threads=4) as (_, errors):
+            for step in range(6):
+                plain.update("t", np.arange(step * 60_000, (step + 1) * 60_000), np.ones((60_000, 32)), step=step)
         assert errors == []
         assert type(shared._views["t"]).__name__ == "LmdbView"
         assert_same(shared, plain, "t", ids)
