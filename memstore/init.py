@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from memstore.spec import InitSpec
+from memstore import dtypes
+from memstore.spec import InitSpec, TableSpec
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / phi, splitmix64's stream increment
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -108,3 +109,9 @@ def init_rows(init: InitSpec, ids: np.ndarray, dim: int) -> np.ndarray:
     if padded.shape[1] == dim:
         return padded
     return np.ascontiguousarray(padded[:, :dim])
+
+
+def initial_stored(spec: TableSpec, local_ids: np.ndarray) -> np.ndarray:
+    """Initial rows of this shard's `local_ids` in the table's storage dtype: what a lookup
+    returns for a row never written, and what an update starts from."""
+    return dtypes.from_float32(init_rows(spec.init, spec.to_global(local_ids), spec.dim), spec.dtype)

@@ -17,8 +17,7 @@ import lmdb
 import numpy as np
 
 from memstore import shm
-from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, Gate, decode_values, row_keys
-from memstore.dtypes import storage_dtype
+from memstore.backends.lmdb_table import GENERATION_KEY, RETIRED_KEY, Gate, gather_rows
 from memstore.protocol import spec_from_pb
 from memstore.spec import TableSpec
 from memstore.v1 import memstore_pb2 as pb
@@ -56,7 +55,6 @@ class LmdbView:
             raise shm.NotHere("the server runs in this process")
         self._gate = Gate()  # lookups share the environment; adopting a grown map needs it alone
         self.spec, self.generation = _served_spec(response), response.generation
-        self.storage = storage_dtype(self.spec.dtype)
         try:
             self.env = lmdb.open(response.path, readonly=True, lock=True, max_dbs=8, subdir=True)
             self.rows_db = self.env.open_db(b"rows", create=False)
@@ -106,18 +104,12 @@ class LmdbView:
         local = _local_ids(self.spec, ids)
         if local is None:
             return None
-        unique, inverse = np.unique(local, return_inverse=True)  # sorted keys walk the B-tree in order
-        keys = row_keys(unique)
         try:
             with self._txn() as txn:
                 self._check(txn)
-                values = list(map(txn.get, keys))
+                return gather_rows(txn, self.spec, local)
         except lmdb.Error as exc:
             raise shm.StaleMapping(f"reading {self.spec.name!r}: {exc}") from None
-        rows, missing = decode_values(values, self.storage, self.spec.dim)  # (u, dim)
-        if missing.any():
-            rows[missing] = shm.initial_stored(self.spec, unique[missing])
-        return np.take(rows, inverse, axis=0)
 
 
 class SharedView:

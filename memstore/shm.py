@@ -46,7 +46,7 @@ import numpy as np
 
 from memstore import dtypes, optimizers
 from memstore.errors import InvalidArgument
-from memstore.init import init_rows
+from memstore.init import initial_stored
 from memstore.spec import TableSpec
 
 MAGIC = 0x6D656D7374_6F7265  # "memstore"
@@ -310,6 +310,3 @@ def gather(rows: np.ndarray, materialized: np.ndarray, spec: TableSpec,
     return out, fresh
 
 
-def initial_stored(spec: TableSpec, local_ids: np.ndarray) -> np.ndarray:
-    """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
-    return dtypes.from_float32(init_rows(spec.init, spec.to_global(local_ids), spec.dim), spec.dtype)

@@ -239,9 +239,6 @@ class StepBarrier:
         self._release(step)
         step.done.set_exception(Aborted(f"{describe(key[1], key[2], key[0])} was abandoned: {why}"))
 
-    def open_steps(self) -> int:
-        return len(self._open)
-
 
 def _mark_retrieved(future: asyncio.Future) -> None:
     """A dropped step whose ranks all gave up must not log "exception was never retrieved"."""

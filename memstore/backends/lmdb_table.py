@@ -23,7 +23,7 @@ from memstore import dtypes, optimizers
 from memstore.backends.base import Table, TableUsage
 from memstore.backends.common import MAX_CLIENTS, is_duplicate
 from memstore.errors import FailedPrecondition, NotFound, ResourceExhausted
-from memstore.init import init_rows
+from memstore.init import initial_stored
 from memstore.snapshot import (
     Snapshot,
     SnapshotWriter,
@@ -56,6 +56,17 @@ def read_meta(table_dir: Path, key: bytes) -> bytes | None:
         return None
     finally:
         env.close()
+
+
+def gather_rows(txn: lmdb.Transaction, spec: TableSpec, local_ids: np.ndarray) -> np.ndarray:
+    """Rows [n, dim] (storage dtype) of `local_ids` in request order, from one read transaction
+    whose default database is `rows` (the daemon's lookups and same-host readers alike)."""
+    unique, inverse = np.unique(local_ids, return_inverse=True)  # sorted keys walk the B-tree in order
+    values = list(map(txn.get, row_keys(unique)))  # the one per-row loop, in C via map
+    rows, missing = decode_values(values, dtypes.storage_dtype(spec.dtype), spec.dim)  # (u, dim)
+    if missing.any():
+        rows[missing] = initial_stored(spec, unique[missing])
+    return np.take(rows, inverse, axis=0)  # (n, dim)
 
 
 def row_keys(ids: np.ndarray) -> list[bytes]:
@@ -163,14 +174,8 @@ class LmdbTable(Table):
     # ---- data path ------------------------------------------------------------------------
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
-        unique, inverse = np.unique(ids, return_inverse=True)  # sorted keys walk the B-tree in order
-        keys = row_keys(unique)
         with self._read_txn() as txn:
-            values = list(map(txn.get, keys))  # the one per-row loop, in C via map
-        rows, missing = decode_values(values, self._storage, self.spec.dim)  # (u, dim)
-        if missing.any():
-            rows[missing] = self._initial_stored(unique[missing])
-        return np.take(rows, inverse, axis=0)  # (n, dim) in request order
+            return gather_rows(txn, self.spec, ids)
 
     def apply_update(self, ids: np.ndarray, grads: np.ndarray, client_id: str, seq: int,
                      lr: float | None = None) -> bool:
@@ -288,7 +293,7 @@ class LmdbTable(Table):
         values = list(map(txn.get, keys, repeat(None), repeat(self._rows_db)))
         stored, missing = decode_values(values, self._storage, self.spec.dim)
         if missing.any():
-            stored[missing] = self._initial_stored(ids[missing])
+            stored[missing] = initial_stored(self.spec, ids[missing])
         rows = dtypes.to_float32(stored, self.spec.dtype)  # (n, dim)
         opt, n = self.spec.optimizer, len(ids)
         if not self._width:
@@ -298,11 +303,6 @@ class LmdbTable(Table):
         if missing.any():
             state[missing] = optimizers.initial_state(opt, int(missing.sum()), self.spec.dim)
         return rows, state
-
-    def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
-        """Initial rows in the storage dtype: what a lookup returns and an update starts from."""
-        initial = init_rows(self.spec.init, self.spec.to_global(local_ids), self.spec.dim)
-        return dtypes.from_float32(initial, self.spec.dtype)
 
     # ---- dedup memory (inside the update's write txn) --------------------------------------
 

@@ -47,6 +47,7 @@ from memstore import dtypes, optimizers, shm
 from memstore.backends.base import Backend, Table, TableUsage
 from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory, Tombstones
 from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
+from memstore.init import initial_stored
 from memstore.snapshot import (
     Snapshot,
     SnapshotWriter,
@@ -205,7 +206,7 @@ class RamTable(Table):
         state = np.take(a.state, ids, axis=0)                                 # (n, width)
         new_ids = ids[fresh]
         if len(new_ids):
-            stored[fresh] = self._initial_stored(new_ids)
+            stored[fresh] = initial_stored(self.spec, new_ids)
             state[fresh] = optimizers.initial_state(opt, len(new_ids), self.spec.dim)
         rows = dtypes.to_float32(stored, self.spec.dtype)                     # (n, dim)
         optimizers.step(opt, rows, state, grads, lr)
@@ -215,8 +216,6 @@ class RamTable(Table):
         self._a.rows[ids] = stored
         self._a.state[ids] = state
 
-    def _initial_stored(self, local_ids: np.ndarray) -> np.ndarray:
-        return shm.initial_stored(self.spec, local_ids)
 
     # ---- persistence ----------------------------------------------------------------------
 
