@@ -263,19 +263,6 @@ def test_an_update_whose_deadline_expired_is_applied_once_when_resent(tmp_path):
         client.close()
 
 
-def test_a_wrong_shard_list_creates_nothing(tmp_path):
-    servers = [in_process(tmp_path / f"s{i}", shard_index=str(i), shard_count=2) for i in range(2)]
-    for server in servers:
-        server.start()
-    try:
-        with ShardedClient([servers[1].target, servers[0].target]) as client, \
-                pytest.raises(FailedPrecondition, match="fix the target order"):
-            client.create_table("t", 100, 4)
-        assert all(MemStoreClient(s.target).list_tables() == [] for s in servers)
-    finally:
-        for server in servers:
-            server.stop()
-
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
 def test_server_reflection_answers_v1_and_v1alpha(tmp_path, version):

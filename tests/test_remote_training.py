@@ -179,6 +179,8 @@ def test_attaching_to_a_mismatched_table_fails_loudly(tmp_path):
 
 
 def test_misordered_shard_list_fails_loudly(tmp_path):
+    """...before anything is created: each server's layout is checked first (Stats)."""
+    from memstore.client import MemStoreClient
     from memstore.errors import FailedPrecondition
     servers = [in_process(tmp_path / f"s{i}", shard_index=str(i), shard_count=2) for i in range(2)]
     for server in servers:
@@ -187,6 +189,7 @@ def test_misordered_shard_list_fails_loudly(tmp_path):
         with ShardedClient([servers[1].target, servers[0].target]) as client, \
                 pytest.raises(FailedPrecondition, match="fix the target order"):
             client.create_table("t", 100, 4)
+        assert all(MemStoreClient(s.target).list_tables() == [] for s in servers)
     finally:
         for server in servers:
             server.stop()

@@ -123,10 +123,12 @@ print("ok")
 
 
 @pytest.mark.subprocess
-def test_four_client_processes_read_one_table_at_once(tmp_path):
-    with in_process(tmp_path / "d") as server:
-        MemStoreClient(server.target).create_table("t", 50_000, 16)
-        readers = [subprocess.Popen([sys.executable, "-c", READER, server.target, str(i)], cwd=ROOT,
+@pytest.mark.parametrize("backend", ["ram", "lmdb"])
+def test_four_client_processes_read_one_table_at_once(tmp_path, backend):
+    """Many ranks, one copy: each reader process maps the RAM table or opens the LMDB environment."""
+    with ServeProcess(tmp_path / "d", backend) as daemon:
+        MemStoreClient(daemon.target).create_table("t", 50_000, 16)
+        readers = [subprocess.Popen([sys.executable, "-c", READER, daemon.target, str(i)], cwd=ROOT,
                                     stdout=subprocess.PIPE, text=True) for i in range(4)]
         outputs = [r.communicate(timeout=120)[0].strip() for r in readers]
     assert outputs == ["ok"] * 4
@@ -172,16 +174,6 @@ def test_lmdb_readers_in_other_processes_equal_grpc_through_updates_restore_and_
         plain.drop_table("t")
         plain.create_table("t", 300_000, 4)
         assert_same(shared, plain, "t", ids)
-
-
-@pytest.mark.subprocess
-def test_four_client_processes_read_one_lmdb_table_at_once(tmp_path):
-    with ServeProcess(tmp_path / "d", "lmdb") as daemon:
-        MemStoreClient(daemon.target).create_table("t", 50_000, 16)
-        readers = [subprocess.Popen([sys.executable, "-c", READER, daemon.target, str(i)], cwd=ROOT,
-                                    stdout=subprocess.PIPE, text=True) for i in range(4)]
-        outputs = [r.communicate(timeout=120)[0].strip() for r in readers]
-    assert outputs == ["ok"] * 4
 
 
 def test_shared_memory_files_are_private_to_the_daemons_user(tmp_path):
