@@ -11,7 +11,9 @@ Layer indices count from 0 like the reference's `layer_ids` (its default [1, 15]
 "layers 2 and 15" counting from 1), so the demo's default `engram_layer = 1` is "layer 2".
 
 Decoding keeps a KV cache per attention layer and the EngramBlock's own `EngramState` (last N-1
-tokens for the hash, the ShortConv's left context), so each new token costs one position.
+tokens for the hash, the ShortConv's left context), so each new token costs one position. The
+Engram rows of the new tokens are requested at model entry (`engram_client.decode.EntryPrefetch`),
+so their lookup overlaps the layers below the Engram layer.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram_client.block import EngramBlock, EngramState
+from engram_client.decode import EntryPrefetch
 
 
 @dataclass
@@ -112,7 +115,7 @@ class DecodeState:
     """Everything incremental decoding carries from one forward call to the next."""
 
     kv: list[KVCache]  # one per block
-    engram: EngramState | None
+    engram: list[EngramState]  # one per Engram block, in layer order
     pos: int = 0  # positions consumed so far
 
 
@@ -139,6 +142,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
+        self.entry = EntryPrefetch(self.engram_blocks)  # starts the Engram lookups when decoding
         self._init_backbone(torch.Generator().manual_seed(seed))
 
     def _init_backbone(self, generator: torch.Generator) -> None:
@@ -163,12 +167,16 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if state is not None:
+            self.entry.start(idx, state.engram)  # rows travel while the layers below compute
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        engram_states = iter(state.engram if state is not None else ())
         for layer, block in enumerate(self.blocks):
             if state is None:
                 x = block(x, idx)
             else:
-                x = block(x, idx, state.kv[layer], state.engram)
+                engram_state = next(engram_states) if block.engram is not None else None
+                x = block(x, idx, state.kv[layer], engram_state)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if state is not None:
             state.pos += T
@@ -179,8 +187,7 @@ class GPT(nn.Module):
 
     # ---- decoding ------------------------------------------------------------------------------
     def init_state(self, batch_size: int) -> DecodeState:
-        engram = self.engram_blocks[0].init_state(batch_size) if self.engram_blocks else None
-        return DecodeState(kv=[KVCache() for _ in self.blocks], engram=engram)
+        return DecodeState(kv=[KVCache() for _ in self.blocks], engram=self.entry.init_states(batch_size))
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,

@@ -32,6 +32,9 @@ _EXPORTS = {
     "HostTables": "engram_client.host",
     "InProcessStore": "engram_client.host",
     "Prefetcher": "engram_client.prefetch",
+    "EntryPrefetch": "engram_client.decode",
+    "select_states": "engram_client.decode",
+    "cat_states": "engram_client.decode",
     "RowCache": "engram_client.cache",
     # ---- training jobs: steps, data-parallel ranks, checkpoints, lr schedules ---------------------
     "Job": "memstore.client",
@@ -46,6 +49,7 @@ __all__ = [
     "EngramBlock",
     "EngramConfig",
     "EngramState",
+    "EntryPrefetch",
     "HostTables",
     "InProcessStore",
     "Job",
@@ -64,8 +68,10 @@ __all__ = [
     "TableSource",
     "TlsConfig",
     "build_token_map",
+    "cat_states",
     "checkpoint_tables",
     "restore_tables",
+    "select_states",
     "tokenizer_fingerprint",
 ]
 
@@ -74,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from engram_client.cache import RowCache
     from engram_client.checkpoint import TableLR, checkpoint_tables, restore_tables
     from engram_client.compression import CompressedTokenizer, build_token_map, tokenizer_fingerprint
+    from engram_client.decode import EntryPrefetch, cat_states, select_states
     from engram_client.hashing import NgramHasher
     from engram_client.host import HostTables, InProcessStore
     from engram_client.optim import RowwiseAdam

@@ -30,15 +30,44 @@ from engram_client.tables import LocalTables, TableSource
 
 
 @dataclass
+class Lookahead:
+    """Rows requested for the next positions of a state, before the forward reaches the block."""
+
+    input_ids: torch.Tensor  # (B, T) the tokens the rows were requested for
+    row_ids: torch.Tensor  # (B, T, H) their hashed rows (from the state's history at request time)
+    handle: object | None  # the table source's `prefetch` handle; None for local rows
+
+
+@dataclass
 class EngramState:
     """Decoding state of one EngramBlock for a batch of sequences (see `EngramBlock.init_state`).
 
     Holds exactly what the next token's output depends on besides its own inputs, so feeding a
-    sequence in chunks (or token by token) gives the same outputs as one full forward.
+    sequence in chunks (or token by token) gives the same outputs as one full forward. Row b is
+    sequence b: `select` and `cat` re-batch sequences that leave or join (continuous batching).
+
+    Invariant: `lookahead`, when set, was requested from this very history (`tokens`); only
+    `forward` advances the history and it always consumes or discards the lookahead, and
+    re-batching drops it, so a lookahead can never be used for a history it was not hashed from.
     """
 
     tokens: torch.Tensor  # (B, N-1) raw ids of the last N-1 tokens; pad_id before the start
     conv: torch.Tensor  # (B, G*C, (kernel_size-1)*dilation) last normalised ShortConv inputs
+    lookahead: Lookahead | None = None  # set by `EngramBlock.prefetch`, used by the next forward
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: torch.Tensor | list[int]) -> EngramState:
+        """The state of the sequences at `index` (in that order); an unused lookahead is dropped."""
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.tokens.device)
+        return EngramState(self.tokens.index_select(0, index), self.conv.index_select(0, index.to(self.conv.device)))
+
+    @staticmethod
+    def cat(states: list[EngramState]) -> EngramState:
+        """One state for the sequences of `states`, in order; unused lookaheads are dropped."""
+        return EngramState(torch.cat([s.tokens for s in states]), torch.cat([s.conv for s in states]))
 
 
 class GroupRMSNorm(nn.Module):
@@ -161,6 +190,26 @@ class EngramBlock(nn.Module):
                            dtype=dtype or weight.dtype, device=device)
         return EngramState(tokens=tokens, conv=conv)
 
+    # ---- entry prefetch (decoding) ---------------------------------------------------------
+    def prefetch(self, input_ids: torch.Tensor, state: EngramState) -> None:
+        """Start the lookup of the rows of `input_ids` (B, T), the next positions of `state`.
+
+        Call it as soon as the tokens are known (at model entry, before the layers below this
+        block run); the next `forward(..., input_ids, state=state)` waits only for rows that have
+        not arrived. Forwarding other tokens instead is safe: the lookahead is then discarded.
+        """
+        row_ids = self.row_ids(input_ids, state)  # (B, T, H)
+        state.lookahead = Lookahead(input_ids.detach().clone(), row_ids, self.tables.prefetch(row_ids))
+
+    def _take_lookahead(self, input_ids: torch.Tensor, state: EngramState | None) -> Lookahead | None:
+        lookahead = None if state is None else state.lookahead
+        if lookahead is None:
+            return None
+        state.lookahead = None  # used at most once, whatever happens below
+        same = lookahead.input_ids.shape == input_ids.shape and torch.equal(
+            lookahead.input_ids, input_ids.to(lookahead.input_ids.device))
+        return lookahead if same else None
+
     # ---- forward --------------------------------------------------------------------------
     def forward(
         self,
@@ -176,7 +225,8 @@ class EngramBlock(nn.Module):
             row_ids: (B, T, H) precomputed `row_ids(input_ids, state)` (e.g. by a prefetcher);
                 hashing is skipped when given.
             state: decoding state from `init_state`; the positions continue that sequence and the
-                state is advanced in place (its tensors are replaced, detached).
+                state is advanced in place (its tensors are replaced, detached). Rows that
+                `prefetch(input_ids, state)` requested are used instead of a new lookup.
         Returns the Engram contribution, same shape as hidden_states (add it as a residual).
         """
         squeeze_branch = hidden_states.dim() == 3
@@ -188,10 +238,14 @@ class EngramBlock(nn.Module):
         if (G, C) != (self.hc_mult, self.hidden_size) or tuple(input_ids.shape) != (B, T):
             raise ValueError(f"expected hidden (B, T, {self.hc_mult}, {self.hidden_size}) and ids (B, T), "
                              f"got {tuple(hidden_states.shape)} and {tuple(input_ids.shape)}")
-        if row_ids is None:
+        lookahead = self._take_lookahead(input_ids, state)
+        prefetched = None
+        if row_ids is None and lookahead is not None:
+            row_ids, prefetched = lookahead.row_ids, lookahead.handle
+        elif row_ids is None:
             row_ids = self.row_ids(input_ids, state)
 
-        rows = self.tables(row_ids)  # (B, T, H, D)
+        rows = self.tables(row_ids, prefetched=prefetched)  # (B, T, H, D)
         e = rows.flatten(-2).to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)  # (B, T, E)
         key = self.key_norm(self.key_proj(e).view(B, T, G, C))  # (B, T, G, C)
         query = self.query_norm(hidden_states)  # (B, T, G, C)

@@ -70,6 +70,7 @@ class PendingLookup:
 @dataclass
 class SourceStats:
     lookups: int = 0
+    requested_ahead: int = 0     # lookups whose rows were requested before their forward (prefetched)
     rows_fetched: int = 0
     rows_refetched: int = 0
     wait_s: float = 0.0          # time forward passes spent blocked on rows or confirmations
@@ -217,8 +218,13 @@ class RemoteTables(TableSource):
         """Queue a prefetched lookup for the next forward pass (in batch order)."""
         self._queue.append(pending)
 
-    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
-        pending = self._take_pending(row_ids)
+    def prefetch(self, row_ids: torch.Tensor) -> PendingLookup:
+        """Send the lookup of `row_ids` now, for a `forward(row_ids, prefetched=...)` later (decoding's
+        entry prefetch). Unlike the training prefetcher's queue, the handle travels with its caller."""
+        return self.request(row_ids)
+
+    def forward(self, row_ids: torch.Tensor, prefetched: PendingLookup | None = None) -> torch.Tensor:
+        pending = self._take_pending(row_ids) if prefetched is None else self._checked(prefetched, row_ids)
         started = time.perf_counter()
         weights = self._ready_rows(pending)                                   # (U, D) on the device
         wait = time.perf_counter() - started
@@ -238,9 +244,20 @@ class RemoteTables(TableSource):
     def _take_pending(self, row_ids: torch.Tensor) -> PendingLookup:
         if self._queue:
             pending = self._queue.popleft()
-            if pending.row_ids.shape == row_ids.shape and torch.equal(pending.row_ids, row_ids.cpu()):
+            if _same_ids(pending, row_ids):
+                self.stats.requested_ahead += 1
                 return pending
             self._queue.clear()  # out of step with the prefetcher (e.g. an eval batch): fetch directly
+        return self._request_now(row_ids)
+
+    def _checked(self, prefetched: PendingLookup, row_ids: torch.Tensor) -> PendingLookup:
+        """A prefetch handed in by the caller, if it is for these very rows."""
+        if not _same_ids(prefetched, row_ids):
+            return self._request_now(row_ids)
+        self.stats.requested_ahead += 1
+        return prefetched
+
+    def _request_now(self, row_ids: torch.Tensor) -> PendingLookup:
         self.steps.wait(self._must_see())  # no prefetch: wait first rather than fetch twice
         return self.request(row_ids)
 
@@ -345,6 +362,10 @@ class RemoteTables(TableSource):
     def extra_repr(self) -> str:
         job = f", job={self.job.name!r}, rank={self.job.rank}/{self.job.world_size}" if self.job else ""
         return f"name={self.name!r}, num_rows={self.num_rows}, dim={self.dim}, mode={self.mode}{job}"
+
+
+def _same_ids(pending: PendingLookup, row_ids: torch.Tensor) -> bool:
+    return pending.row_ids.shape == row_ids.shape and torch.equal(pending.row_ids, row_ids.cpu())
 
 
 def _tag_safe(name: str) -> str:

@@ -16,15 +16,23 @@ from torch import nn
 class TableSource(nn.Module):
     """A table of `num_rows` rows of width `dim`, read by global row id.
 
-    Subclasses implement `forward(row_ids: LongTensor [B, T, H]) -> Tensor [B, T, H, dim]`; the
-    result must carry gradients back to the rows that were read (how the rows are then updated,
-    by a local optimizer or by a server, is the source's business).
+    Subclasses implement `forward(row_ids: LongTensor [B, T, H], prefetched=None) -> Tensor
+    [B, T, H, dim]`; the result must carry gradients back to the rows that were read (how the rows
+    are then updated, by a local optimizer or by a server, is the source's business).
+
+    Sources whose rows take time to arrive override `prefetch(row_ids)`: it starts fetching and
+    returns a handle that a later `forward(row_ids, prefetched=handle)` consumes (decoding starts
+    the lookups at model entry, see `engram_client.decode`). Local rows need no head start.
     """
 
     num_rows: int
     dim: int
 
-    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def prefetch(self, row_ids: torch.Tensor) -> object | None:
+        """Start fetching the rows of `row_ids` (B, T, H); None: nothing to fetch ahead."""
+        return None
+
+    def forward(self, row_ids: torch.Tensor, prefetched: object | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -51,7 +59,7 @@ class LocalTables(TableSource):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
-    def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, row_ids: torch.Tensor, prefetched: object | None = None) -> torch.Tensor:
         row_ids = row_ids.to(self.weight.device, non_blocking=True)  # ids may be hashed on the CPU
         return F.embedding(row_ids, self.weight, sparse=self.sparse)  # (B, T, H, D)
 
