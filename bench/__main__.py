@@ -2,7 +2,7 @@
 
     python -m bench                       # full run, ~10 minutes on 2 cores
     python -m bench --quick               # ~1 minute, indicative only
-    python -m bench --only lookup,update  # some sections (lookup update hashing e2e scaling cache)
+    python -m bench --only lookup,update  # some sections (lookup update hashing e2e decode scaling cache)
 
 Writes bench/results/<stamp>.md, .json and PNG plots, and prints a summary. Before anything else the
 process re-executes itself with glibc's mmap/trim thresholds raised (LIMITS.md: large gRPC messages

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("lookup", "update", "hashing", "e2e", "scaling", "cache")
+SECTIONS = ("lookup", "update", "hashing", "e2e", "decode", "scaling", "cache")
 
 
 @dataclass
@@ -24,6 +24,28 @@ class E2EShape:
     table_rows: int = 100_003      # target rows per head (the next unused prime is taken)
     heads_per_ngram: int = 4
     embed_per_ngram: int = 128     # row width = embed_per_ngram // heads_per_ngram
+
+
+@dataclass
+class DecodeShape:
+    """The generation benchmark (modelled on the paper's Table 4): a GPT with Engram blocks in
+    layers 1 and n_layer-2, serving `requests` real-text prompts of uniform(100, 1024) tokens,
+    `batch` sequences decoding together (continuous batching). Tables: 2-grams and 3-grams,
+    4 heads each of `table_rows` rows x 32 (~800k rows per layer), and a large size of
+    `large_table_rows` per head (~10M rows, 640 MiB fp16 per layer) whose lookups hit cold memory."""
+    vocab_size: int = 4096
+    n_layer: int = 6
+    n_head: int = 4
+    n_embd: int = 256
+    prompt_tokens: tuple[int, int] = (100, 1024)   # uniform, inclusive
+    new_tokens: tuple[int, int] = (64, 192)        # uniform, inclusive
+    requests: int = 16
+    batch: int = 8
+    table_rows: int = 100_003
+    large_table_rows: int = 1_250_003              # 0: no large-table rows
+    heads_per_ngram: int = 4
+    embed_per_ngram: int = 128
+    cache_mib: int = 16                            # row cache per layer for the cached variant
 
 
 @dataclass
@@ -51,6 +73,9 @@ class BenchConfig:
     e2e_rounds: int = 3
     e2e_steps: int = 10
     e2e_batch: int = 16
+    # Decode: generation throughput, rounds interleave the variants.
+    decode_shape: DecodeShape = field(default_factory=DecodeShape)
+    decode_rounds: int = 2
     # Scaling: shard counts over loopback, each a `memstore serve` process.
     shard_counts: tuple[int, ...] = (1, 2, 4)
     scaling_sizes: tuple[int, ...] = (65536, 524288)
@@ -68,5 +93,9 @@ def quick_config() -> BenchConfig:
                    rounds=3, min_sample_s=0.02, update_rows=200_000, update_size=16384,
                    e2e_shape=E2EShape(vocab_size=1024, block_size=64, n_layer=2, n_head=2, n_embd=64,
                                       table_rows=10_007, embed_per_ngram=64),
-                   e2e_rounds=2, e2e_steps=6, e2e_batch=8, shard_counts=(1, 2), scaling_sizes=(65536,),
+                   e2e_rounds=2, e2e_steps=6, e2e_batch=8,
+                   decode_shape=DecodeShape(n_layer=4, n_embd=64, n_head=2, prompt_tokens=(50, 200),
+                                            new_tokens=(16, 48), requests=8, batch=4, table_rows=10_007,
+                                            large_table_rows=0, embed_per_ngram=64, cache_mib=1),
+                   decode_rounds=1, shard_counts=(1, 2), scaling_sizes=(65536,),
                    cache_fractions=(0.01, 0.1), cache_batches=8)

@@ -38,29 +38,51 @@ class DecoderConfig:
 
 @dataclass
 class Batch:
-    """The decoding state of the sequences generating together (row b = sequence b)."""
+    """The decoding state of the sequences generating together (row b = sequence b).
 
-    k: list[torch.Tensor]  # per layer (B, nh, S, hs), left-padded: sequence b owns the last lengths[b] columns
+    KV buffers are preallocated and left-padded: columns [0, filled) are written, and sequence b
+    owns the last lengths[b] of them, so a decode step writes one column for every sequence.
+    """
+
+    k: list[torch.Tensor]  # per layer (B, nh, capacity, hs)
     v: list[torch.Tensor]
+    filled: int  # columns written (= the longest sequence's length)
     lengths: torch.Tensor  # (B,) positions each sequence has consumed
     engram: list[EngramState]  # one per Engram block
 
+    def reserve(self, extra: int) -> None:
+        """Room for `extra` more columns (capacity doubles, so appends are amortised O(1))."""
+        capacity = self.k[0].shape[2]
+        if self.filled + extra <= capacity:
+            return
+        grown = max(2 * capacity, self.filled + extra, 64)
+        self.k = [_regrow(t, self.filled, grown) for t in self.k]
+        self.v = [_regrow(t, self.filled, grown) for t in self.v]
+
     def select(self, index: list[int]) -> Batch:
-        """The sequences at `index`; columns no remaining sequence uses are trimmed."""
+        """The sequences at `index`; columns no remaining sequence uses are dropped."""
         ix = torch.tensor(index, dtype=torch.int64)
         lengths = self.lengths[ix]
-        keep = int(lengths.max()) if len(index) else 0
-        trim = lambda t: t.index_select(0, ix)[:, :, t.shape[2] - keep:]
-        return Batch([trim(k) for k in self.k], [trim(v) for v in self.v], lengths, select_states(self.engram, ix))
+        keep = int(lengths.max())
+        part = lambda t: t.index_select(0, ix)[:, :, self.filled - keep:self.filled]
+        return Batch([part(k) for k in self.k], [part(v) for v in self.v], keep, lengths,
+                     select_states(self.engram, ix))
 
     @staticmethod
     def cat(batches: list[Batch]) -> Batch:
-        S = max(b.k[0].shape[2] for b in batches)
-        pad = lambda t: F.pad(t, (0, 0, S - t.shape[2], 0))
+        S = max(b.filled for b in batches)
+        pad = lambda t, filled: F.pad(t[:, :, :filled], (0, 0, S - filled, 0))  # zeros left of time
         layers = range(len(batches[0].k))
-        return Batch([torch.cat([pad(b.k[i]) for b in batches]) for i in layers],
-                     [torch.cat([pad(b.v[i]) for b in batches]) for i in layers],
-                     torch.cat([b.lengths for b in batches]), cat_states([b.engram for b in batches]))
+        return Batch([torch.cat([pad(b.k[i], b.filled) for b in batches]) for i in layers],
+                     [torch.cat([pad(b.v[i], b.filled) for b in batches]) for i in layers],
+                     S, torch.cat([b.lengths for b in batches]), cat_states([b.engram for b in batches]))
+
+
+def _regrow(buffer: torch.Tensor, filled: int, capacity: int) -> torch.Tensor:
+    B, nh, _, hs = buffer.shape
+    grown = buffer.new_zeros(B, nh, capacity, hs)
+    grown[:, :, :filled] = buffer[:, :, :filled]
+    return grown
 
 
 class Attention(nn.Module):
@@ -70,19 +92,21 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, filled: int,
+                lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C); the new keys and values are written to columns [filled, filled + T)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, nh, S + T, hs)
-        S = past_k.shape[2]
-        col = torch.arange(S + T)                                             # (S+T,)
-        first = (S - lengths).view(B, 1, 1)                                   # sequence b's first column
-        last = (S + torch.arange(T)).view(1, T, 1)                            # query i sees up to S + i
-        mask = ((col >= first) & (col <= last)).unsqueeze(1)                  # (B, 1, T, S+T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)           # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), k, v
+        k_buf[:, :, filled:filled + T] = k
+        v_buf[:, :, filled:filled + T] = v
+        S = filled + T
+        col = torch.arange(S)                                                 # (S,)
+        first = (filled - lengths).view(B, 1, 1)                              # sequence b's first column
+        last = (filled + torch.arange(T)).view(1, T, 1)                       # query i sees up to filled + i
+        mask = ((col >= first) & (col <= last)).unsqueeze(1)                  # (B, 1, T, S)
+        y = F.scaled_dot_product_attention(q, k_buf[:, :, :S], v_buf[:, :, :S], attn_mask=mask)  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
@@ -123,8 +147,8 @@ class DecoderGPT(nn.Module):
 
     def new_batch(self, batch_size: int) -> Batch:
         hs = self.config.n_embd // self.config.n_head
-        empty = torch.zeros(batch_size, self.config.n_head, 0, hs)
-        return Batch([empty] * self.config.n_layer, [empty] * self.config.n_layer,
+        empty = lambda: torch.zeros(batch_size, self.config.n_head, 0, hs)
+        return Batch([empty() for _ in self.blocks], [empty() for _ in self.blocks], 0,
                      torch.zeros(batch_size, dtype=torch.int64), self.entry.init_states(batch_size))
 
     @torch.no_grad()
@@ -136,16 +160,17 @@ class DecoderGPT(nn.Module):
             raise ValueError(f"a sequence would exceed block_size {self.config.block_size}")
         if prefetch:
             self.entry.start(idx, batch.engram)  # every layer's rows travel while the layers below compute
+        batch.reserve(T)
         pos = batch.lengths.view(B, 1) + torch.arange(T)                       # (B, T)
         x = self.wte(idx) + self.wpe(pos)                                      # (B, T, C)
         states = iter(batch.engram)
         for i, block in enumerate(self.blocks):
             if block.engram is not None:
                 x = x + block.engram(x, idx, state=next(states))
-            y, batch.k[i], batch.v[i] = block.attn(block.ln_1(x), batch.k[i], batch.v[i], batch.lengths)
-            x = x + y
+            x = x + block.attn(block.ln_1(x), batch.k[i], batch.v[i], batch.filled, batch.lengths)
             x = x + block.c_out(F.gelu(block.c_fc(block.ln_2(x))))
         batch.lengths = batch.lengths + T
+        batch.filled += T
         x = self.ln_f(x[:, -1:] if last_only else x)
         return x @ self.wte.weight.T                                           # (B, T, V), tied head
 
@@ -161,13 +186,14 @@ class Request:
 class Generation:
     tokens: list[list[int]]  # per request, the generated tokens
     logits: list[list[torch.Tensor]] | None  # per request, the (V,) logits each token was chosen from
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run: prefills and decode steps
+    decode_seconds: float = 0.0  # in decode steps only
     steps: int = 0  # decode steps (prefills not counted)
     batch_sizes: list[int] = field(default_factory=list)
 
     @property
-    def tokens_per_s(self) -> float:
-        return sum(map(len, self.tokens)) / self.seconds
+    def generated(self) -> int:
+        return sum(map(len, self.tokens))
 
 
 def serve(model: DecoderGPT, requests: list[Request], batch_size: int, *, prefetch: bool = True,
@@ -204,10 +230,12 @@ def serve(model: DecoderGPT, requests: list[Request], batch_size: int, *, prefet
         running, batch = leave(running, batch)
         if not running:
             continue
+        step_started = time.perf_counter()
         last = torch.tensor([[out.tokens[i][-1]] for i in running])           # (B, 1)
         logits = model(last, batch, prefetch=prefetch, last_only=True)[:, -1]  # (B, V)
         for j, i in enumerate(running):
             choose(i, logits[j])
+        out.decode_seconds += time.perf_counter() - step_started
         out.steps += 1
         out.batch_sizes.append(len(running))
     out.seconds = time.perf_counter() - started

@@ -13,7 +13,7 @@ def make_plots(sections: list[Section], out_dir: Path, stamp: str) -> list[str]:
     matplotlib.use("Agg")  # files only, no display
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {s.name: s for s in sections if not (s.skipped or s.failed)}
-    plotters = {"lookup": _lookup, "e2e": _e2e, "scaling": _scaling, "cache": _cache}
+    plotters = {"lookup": _lookup, "e2e": _e2e, "decode": _decode, "scaling": _scaling, "cache": _cache}
     paths = []
     for name, plot in plotters.items():
         if name in by_name and by_name[name].records:
@@ -60,6 +60,23 @@ def _e2e(section: Section, path: Path) -> None:
     ax.axvline(means[0] * 1.03, color="tab:red", linestyle="--", label="goal: local x 1.03")
     ax.set(xlabel="mean training step time, ms", title="end to end: demo GPT with an Engram layer")
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _decode(section: Section, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    records = section.records
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(records) + 1.5))
+    names = [r["variant"] for r in records]
+    rates = [r["tokens_per_s"] for r in records]
+    colors = ["tab:gray" if r["variant"] == r["baseline"] else "tab:blue" for r in records]
+    bars = ax.barh(names, rates, color=colors)
+    for bar, r in zip(bars, records):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f"  x{r['ratio']:.3f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="generated tokens/s (prefills included)", title="generation: Engram tables local vs memstore")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
