@@ -33,7 +33,8 @@ class DecodeShape:
     `batch` sequences decoding together (continuous batching). Tables: 2-grams and 3-grams,
     4 heads each of `table_rows` rows x 32 (~800k rows per layer), and a large size of
     `large_table_rows` per head (~10M rows, 640 MiB fp16 per layer) whose lookups hit cold memory."""
-    vocab_size: int = 4096
+    vocab_size: int = 4096                          # the demo's BPE over its corpus
+    corpus_mb: float = 0                            # train text the BPE sees (0 = all, as `make demo`)
     n_layer: int = 6
     n_head: int = 4
     n_embd: int = 256
@@ -94,7 +95,7 @@ def quick_config() -> BenchConfig:
                    e2e_shape=E2EShape(vocab_size=1024, block_size=64, n_layer=2, n_head=2, n_embd=64,
                                       table_rows=10_007, embed_per_ngram=64),
                    e2e_rounds=2, e2e_steps=6, e2e_batch=8,
-                   decode_shape=DecodeShape(n_layer=4, n_embd=64, n_head=2, prompt_tokens=(50, 200),
+                   decode_shape=DecodeShape(vocab_size=1024, corpus_mb=0.5, n_layer=4, n_embd=64, n_head=2, prompt_tokens=(50, 200),
                                             new_tokens=(16, 48), requests=8, batch=4, table_rows=10_007,
                                             large_table_rows=0, embed_per_ngram=64, cache_mib=1),
                    decode_rounds=1, shard_counts=(1, 2), scaling_sizes=(65536,),

@@ -63,7 +63,8 @@ def real_text_requests(shape: DecodeShape, seed: int) -> list[Request]:
     from demo.corpus import load_corpus
     from demo.settings import CACHE_DIR
     from demo.tokenizer import tokenize_corpus
-    stream = torch.from_numpy(tokenize_corpus(load_corpus(), shape.vocab_size, CACHE_DIR).val_ids.astype(np.int64))
+    corpus = load_corpus(max_train_bytes=int(shape.corpus_mb * 1e6))  # cached with the demo's tokenizer
+    stream = torch.from_numpy(tokenize_corpus(corpus, shape.vocab_size, CACHE_DIR).val_ids.astype(np.int64))
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(shape.requests):
