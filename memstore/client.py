@@ -34,6 +34,8 @@ from memstore.protocol import (
     CHUNK_BYTES,
     ERROR_TRAILER,
     PB_TO_DTYPE,
+    as_row_grads,
+    as_row_ids,
     spec_from_pb,
     spec_to_pb,
     sum_duplicates,
@@ -183,8 +185,14 @@ class MemStoreClient:
     # ---- lookups ------------------------------------------------------------------------------
 
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows [len(ids), dim] in the table's storage dtype, in the order of `ids`."""
-        ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
+        """Rows in the table's storage dtype, in the order of `ids`, shaped ids.shape + (dim,):
+        [len(ids), dim] for a 1-D batch, [B, T, dim] for [B, T] ids. Ids of any integer dtype;
+        floats raise TypeError (never truncated)."""
+        ids = as_row_ids(ids)
+        rows = self._lookup_flat(name, ids.reshape(-1))
+        return rows.reshape(*ids.shape, rows.shape[-1])
+
+    def _lookup_flat(self, name: str, ids: np.ndarray) -> np.ndarray:
         rows = self._shared_lookup(name, ids)
         if rows is not None:
             return rows
@@ -283,7 +291,7 @@ class MemStoreClient:
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows."""
-        ids = np.array(ids, dtype="<i8").reshape(-1)  # copy: the caller may reuse its buffer
+        ids = np.array(as_row_ids(ids))  # copy: the caller may reuse its buffer
         return self._async_pool.submit(self.lookup, name, ids)
 
     def _lookup_part(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -325,10 +333,9 @@ class MemStoreClient:
     def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
                      job: Job | None = None, lr: float | None = None) -> Future:
         """Queue an update; updates of this client reach the server in call order."""
-        ids = np.asarray(ids, dtype="<i8").reshape(-1)
-        grads = np.asarray(grads, dtype="<f4")
-        if grads.ndim != 2 or grads.shape[0] != len(ids):
-            raise ValueError(f"grads must be [len(ids)={len(ids)}, dim], got {grads.shape}")
+        ids = as_row_ids(ids)
+        grads = as_row_grads(grads, ids)  # [ids.size, dim]
+        ids = ids.reshape(-1)
         if job is not None and step is None:
             raise ValueError("a data-parallel update (job=...) needs step=")
         if step is not None and step < 0:

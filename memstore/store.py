@@ -26,7 +26,7 @@ from memstore.errors import (
     ResourceExhausted,
 )
 from memstore.protocol import sum_duplicates
-from memstore.spec import TableSpec
+from memstore.spec import TableSpec, spec_differences
 
 ID_DTYPE = np.dtype("<i8")
 GRAD_DTYPE = np.dtype("<f4")
@@ -99,9 +99,10 @@ class Store:
                 existing = self.backend.get(spec.name).spec
                 if if_not_exists and existing == local_spec:
                     return self.describe(spec.name)
-                raise AlreadyExists(
-                    f"table {spec.name!r} exists with a {'different ' if existing != local_spec else ''}spec: "
-                    f"{_describe_spec(existing)}")
+                if existing == local_spec:
+                    raise AlreadyExists(f"table {spec.name!r} exists (with this spec: {_describe_spec(existing)})")
+                raise AlreadyExists(f"table {spec.name!r} exists with a different spec: "
+                                    f"{'; '.join(spec_differences(existing, local_spec))}")
             self.backend.create_table(local_spec)
         return self.describe(spec.name)
 
