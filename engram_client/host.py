@@ -86,7 +86,7 @@ class InProcessStore:
     @staticmethod
     def _info(view) -> TableInfo:
         return TableInfo(view.spec, view.rows_materialized, view.bytes_used, view.counters.lookups,
-                         view.counters.updates)
+                         view.counters.updates, view.bytes_reserved, view.bytes_resident)
 
     def close(self) -> None:
         self._updates.shutdown(wait=True)

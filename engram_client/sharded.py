@@ -90,8 +90,9 @@ class ShardedClient:
         """One view of a table from its shards, after checking each shard is where we think."""
         self._check_layout([(i.spec.shard_index, i.spec.shard_count) for i in infos])
         spec = replace(infos[0].spec, shard_index=0, shard_count=1)
-        return TableInfo(spec, sum(i.rows_materialized for i in infos), sum(i.bytes_used for i in infos),
-                         sum(i.lookups for i in infos), sum(i.updates for i in infos))
+        totals = [sum(getattr(i, f) for i in infos) for f in
+                  ("rows_materialized", "bytes_used", "lookups", "updates", "bytes_reserved", "bytes_resident")]
+        return TableInfo(spec, *totals)
 
     # ---- data path ----------------------------------------------------------------------------
 

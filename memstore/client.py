@@ -75,13 +75,16 @@ class TableInfo:
     bytes_used: int
     lookups: int
     updates: int
+    bytes_reserved: int = 0    # claimed: RAM dense arrays, LMDB map (see memstore.memory)
+    bytes_resident: int = 0    # in memory now
 
 
-def _info(msg: pb.TableInfo) -> TableInfo:
+def table_info(msg: pb.TableInfo) -> TableInfo:
     spec = spec_from_pb(msg.spec)
     if msg.shard_count > 1:
         spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
-    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates)
+    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates, msg.bytes_reserved,
+                     msg.bytes_resident)
 
 
 class MemStoreClient:
@@ -153,13 +156,13 @@ class MemStoreClient:
         spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
                          OptimizerSpec(optimizer, lr, optimizer_args))
         request = pb.CreateTableRequest(spec=spec_to_pb(spec), if_not_exists=if_not_exists)
-        return _info(self._call(self._stub.CreateTable, request))
+        return table_info(self._call(self._stub.CreateTable, request))
 
     def describe_table(self, name: str) -> TableInfo:
-        return _info(self._call(self._stub.DescribeTable, pb.DescribeTableRequest(name=name)))
+        return table_info(self._call(self._stub.DescribeTable, pb.DescribeTableRequest(name=name)))
 
     def list_tables(self) -> list[TableInfo]:
-        return [_info(t) for t in self._call(self._stub.ListTables, pb.ListTablesRequest()).tables]
+        return [table_info(t) for t in self._call(self._stub.ListTables, pb.ListTablesRequest()).tables]
 
     def drop_table(self, name: str) -> None:
         self._call(self._stub.DropTable, pb.DropTableRequest(name=name))

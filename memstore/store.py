@@ -60,6 +60,8 @@ class TableView:
     rows_materialized: int
     bytes_used: int
     counters: TableCounters
+    bytes_reserved: int = 0
+    bytes_resident: int = 0
 
 
 def parse_ids(raw: bytes, what: str = "ids") -> np.ndarray:
@@ -118,7 +120,8 @@ class Store:
     def describe(self, name: str) -> TableView:
         table = self.backend.get(name)
         usage = table.usage()
-        return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name))
+        return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name),
+                         usage.bytes_reserved, usage.bytes_resident)
 
     def list_tables(self) -> list[TableView]:
         return [self.describe(t.spec.name) for t in sorted(self.backend.tables(), key=lambda t: t.spec.name)]
