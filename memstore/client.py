@@ -322,7 +322,8 @@ class MemStoreClient:
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
                job: Job | None = None, lr: float | None = None) -> bool:
         """One optimizer step on the server: duplicate ids are summed, then applied exactly once.
-        Returns False when the server had already applied it (a retried delivery).
+        Returns False when the server had already applied it (a retried delivery). `ids` as for
+        `lookup` (integers, any shape); `grads` float32 ids.shape + (dim,) or [ids.size, dim].
 
         step: the training step (>= 0). The update is then identified by (client_id, step), or
             (job, step), and applied at most once, so a step that raised may be sent again as a

@@ -50,7 +50,10 @@ def file_resident_bytes(path: Path) -> int:
 def allocated_bytes(directory: Path) -> int:
     """Blocks allocated to the files of a directory: on tmpfs (/dev/shm) that is memory, in
     use whether or not any process has touched the pages."""
-    return sum(entry.stat().st_blocks * 512 for entry in os.scandir(directory) if entry.is_file())
+    try:
+        return sum(entry.stat().st_blocks * 512 for entry in os.scandir(directory) if entry.is_file())
+    except FileNotFoundError:  # the table was dropped meanwhile
+        return 0
 
 
 def process_memory() -> tuple[int, int]:
