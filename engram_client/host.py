@@ -17,6 +17,7 @@ import numpy as np
 from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
 from memstore.client import Job, StepOrder, TableInfo
+from memstore.protocol import as_row_grads, as_row_ids
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import Store
 
@@ -42,7 +43,9 @@ class InProcessStore:
         return self._info(self.store.describe(name))
 
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
-        return self.store.lookup(name, np.asarray(ids, dtype=np.int64).reshape(-1))
+        ids = as_row_ids(ids)
+        rows = self.store.lookup(name, ids.reshape(-1))
+        return rows.reshape(*ids.shape, rows.shape[-1])
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         return self._lookups.submit(self.lookup, name, ids)
@@ -55,8 +58,9 @@ class InProcessStore:
         """As `MemStoreClient.update_async`; a data-parallel job needs a memstore server."""
         if job is not None and job.world_size > 1:
             raise ValueError("data-parallel jobs (world_size > 1) need memstore servers, not host tables")
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        grads = np.asarray(grads, dtype=np.float32)
+        ids = as_row_ids(ids)
+        grads = as_row_grads(grads, ids)
+        ids = ids.reshape(-1)
         if step is None:
             return self._updates.submit(lambda: self.store.update(name, ids, grads, "", 0, lr)[0])
         key = (name, job.client_id if job else self.client_id)
@@ -82,7 +86,7 @@ class InProcessStore:
     @staticmethod
     def _info(view) -> TableInfo:
         return TableInfo(view.spec, view.rows_materialized, view.bytes_used, view.counters.lookups,
-                         view.counters.updates)
+                         view.counters.updates, view.bytes_reserved, view.bytes_resident)
 
     def close(self) -> None:
         self._updates.shutdown(wait=True)

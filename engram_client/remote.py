@@ -78,7 +78,8 @@ class SourceStats:
 
 
 class RemoteTables(TableSource):
-    """Args (beyond the table's own: dtype, optimizer, lr, init, init_scale, seed, optimizer args):
+    """Args (beyond the table's own: dtype, optimizer, lr, init, init_scale, seed, optimizer args;
+    their defaults are `MemStoreClient.create_table`'s and `memstore create-table`'s: sgd, lr 0.01):
         mode: "sync" or "async" (see the module doc).
         create: create the table if missing (or check the existing one); False: attach only.
         cache: a `RowCache` for hot rows on the model's device (not with world_size > 1).
@@ -87,7 +88,7 @@ class RemoteTables(TableSource):
     """
 
     def __init__(self, store, name: str, num_rows: int, dim: int, *, dtype: str = "float32",
-                 optimizer: str = "adam", lr: float = 1e-3, init: str = "normal", init_scale: float = 0.02,
+                 optimizer: str = "sgd", lr: float = 0.01, init: str = "normal", init_scale: float = 0.02,
                  seed: int = 0, mode: str = "sync", create: bool = True, cache: RowCache | None = None,
                  grad_accumulation: int = 1, job: str | None = None, rank: int = 0, world_size: int = 1,
                  step_timeout_s: float = 300.0, **optimizer_args: float):
@@ -149,8 +150,9 @@ class RemoteTables(TableSource):
             code = getattr(getattr(exc, "code", None), "name", None)
             if code == "ALREADY_EXISTS":
                 raise FailedPrecondition(
-                    f"memstore table {self.name!r} exists but does not match this Engram layer "
-                    f"({self.num_rows} rows x {self.dim}, {self.table_kwargs}): {exc}") from None
+                    f"memstore table {self.name!r} exists but does not match this Engram layer's settings "
+                    f"({getattr(exc, 'message', exc)}): pass the table's settings, or create=False to attach to "
+                    "it as it is (only rows, dim and dtype are checked then)") from None
             if code != "PERMISSION_DENIED":
                 raise
             return self.store.describe_table(self.name)  # a read-only replica: attach to what it has

@@ -18,7 +18,7 @@ import numpy as np
 
 from memstore.client import Job, MemStoreClient, TableInfo
 from memstore.errors import FailedPrecondition
-from memstore.protocol import sum_duplicates
+from memstore.protocol import as_row_grads, as_row_ids, sum_duplicates
 
 
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
@@ -90,8 +90,9 @@ class ShardedClient:
         """One view of a table from its shards, after checking each shard is where we think."""
         self._check_layout([(i.spec.shard_index, i.spec.shard_count) for i in infos])
         spec = replace(infos[0].spec, shard_index=0, shard_count=1)
-        return TableInfo(spec, sum(i.rows_materialized for i in infos), sum(i.bytes_used for i in infos),
-                         sum(i.lookups for i in infos), sum(i.updates for i in infos))
+        totals = [sum(getattr(i, f) for i in infos) for f in
+                  ("rows_materialized", "bytes_used", "lookups", "updates", "bytes_reserved", "bytes_resident")]
+        return TableInfo(spec, *totals)
 
     # ---- data path ----------------------------------------------------------------------------
 
@@ -99,14 +100,15 @@ class ShardedClient:
         return self.lookup_async(name, ids).result()
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
-        ids = np.asarray(ids, dtype="<i8").reshape(-1)
-        if self.num_shards == 1 or len(ids) == 0:
+        """Rows shaped ids.shape + (dim,), as `MemStoreClient.lookup`."""
+        ids = as_row_ids(ids)
+        if self.num_shards == 1 or ids.size == 0:
             return self.shards[0].lookup_async(name, ids)
-        unique, inverse = np.unique(ids, return_inverse=True)
+        unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         order, parts = split_by_shard(unique, self.num_shards)
         futures = [(part, shard.lookup_async(name, unique[order[part]]))
                    for shard, part in zip(self.shards, parts) if part.stop > part.start]
-        return self._pool.submit(_gather, futures, order, inverse, len(unique))
+        return self._pool.submit(_gather, futures, order, inverse.reshape(ids.shape), len(unique))
 
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
                job: Job | None = None, lr: float | None = None) -> bool:
@@ -120,7 +122,8 @@ class ShardedClient:
         """One update per shard that owns some of the rows; each shard applies its part exactly once.
         A data-parallel step goes to every shard, empty where this rank has no rows of it: each
         shard waits for every rank's share."""
-        ids, grads = sum_duplicates(np.asarray(ids, dtype="<i8").reshape(-1), np.asarray(grads, dtype="<f4"))
+        ids = as_row_ids(ids)
+        ids, grads = sum_duplicates(ids.reshape(-1), as_row_grads(grads, ids))
         kwargs = {"step": step, "job": job, "lr": lr}
         if self.num_shards == 1:
             return self.shards[0].update_async(name, ids, grads, **kwargs)
@@ -164,7 +167,8 @@ def _all_applied(futures: list[Future]) -> bool:
 
 
 def _gather(futures: list[tuple[slice, Future]], order: np.ndarray, inverse: np.ndarray, n_unique: int) -> np.ndarray:
-    """Put each shard's rows back at their unique-id positions, then expand to request order."""
+    """Put each shard's rows back at their unique-id positions, then expand to request order
+    (`inverse` has the request's shape, so the rows do too)."""
     unique_rows = None
     for part, future in futures:
         rows = future.result()

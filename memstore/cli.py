@@ -16,7 +16,15 @@ import os
 import sys
 from dataclasses import fields
 
-from memstore.config import ConfigError, ServerConfig, build_config
+from memstore.config import (
+    CHOICES,
+    DEFAULT_SHOWN,
+    HELP,
+    TESTING_ONLY,
+    ConfigError,
+    ServerConfig,
+    build_config,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -26,13 +34,27 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML or YAML file with any of the options below")
     defaults = ServerConfig()
     for f in fields(ServerConfig):
-        flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kind = "true|false" if isinstance(default, bool) else type(default).__name__
-        parser.add_argument(flag, dest=f.name, default=None, metavar=kind.upper(),
-                            nargs="?" if isinstance(default, bool) else None,
-                            const="true" if isinstance(default, bool) else None,
-                            help=f"(default {default!r}; env MEMSTORE_{f.name.upper()})")
+        is_bool = isinstance(default, bool)
+        shown = DEFAULT_SHOWN.get(f.name, str(default).lower() if is_bool else repr(default))
+        about = HELP.get(f.name, "").replace("%", "%%")  # argparse %-formats help
+        choices = "{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else None
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            metavar=choices or ("true|false" if is_bool else type(default).__name__).upper(),
+                            nargs="?" if is_bool else None, const="true" if is_bool else None,
+                            help=argparse.SUPPRESS if f.name in TESTING_ONLY else
+                            f"{about} (default: {shown}; env MEMSTORE_{f.name.upper()})".lstrip())
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that have a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if "default" in text or not action.option_strings or unset:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _tls(args):
@@ -50,7 +72,7 @@ def _client(args):
 
 
 def cmd_serve(args) -> int:
-    from memstore.server import serve, setup_logging
+    from memstore.server import StartupError, serve, setup_logging
     flags = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
     try:
         config = build_config(args.config, flags)
@@ -58,17 +80,30 @@ def cmd_serve(args) -> int:
         print(f"memstore serve: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_format)
-    serve(config)
+    try:
+        serve(config)
+    except (StartupError, OSError) as exc:  # a port in use, an unwritable data dir: a message, not a traceback
+        print(f"memstore serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
+def optimizer_arg(text: str) -> tuple[str, float]:
+    """--optimizer-arg KEY=VALUE, VALUE a number."""
+    key, sep, value = text.partition("=")
+    try:
+        if not (sep and key):
+            raise ValueError
+        return key.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=NUMBER (e.g. beta2=0.99), got {text!r}") from None
+
+
 def cmd_create_table(args) -> int:
-    extra = dict(kv.split("=", 1) for kv in args.optimizer_arg)
     with _client(args) as client:
         info = client.create_table(args.name, args.rows, args.dim, dtype=args.dtype, init=args.init,
                                    init_scale=args.init_scale, seed=args.seed, optimizer=args.optimizer,
-                                   lr=args.lr, if_not_exists=args.if_not_exists,
-                                   **{k: float(v) for k, v in extra.items()})
+                                   lr=args.lr, if_not_exists=args.if_not_exists, **dict(args.optimizer_arg))
     print(_table_line(info))
     return 0
 
@@ -79,11 +114,14 @@ def cmd_ls(args) -> int:
     if args.json:
         print(json.dumps([_table_dict(t) for t in tables], indent=2))
         return 0
-    print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} {'BYTES':>12}")
+    # USED: materialised rows + state; RESIDENT: in memory now; RESERVED: claimed (memstore.memory)
+    print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} {'USED':>10} "
+          f"{'RESIDENT':>10} {'RESERVED':>10}")
     for t in tables:
         s = t.spec
         print(f"{s.name:24} {s.num_rows:>14} {s.dim:>5} {s.dtype:9} {s.optimizer.kind + f'({s.optimizer.lr:g})':16} "
-              f"{t.rows_materialized:>13} {_human(t.bytes_used):>12}")
+              f"{t.rows_materialized:>13} {_human(t.bytes_used):>10} {_human(t.bytes_resident):>10} "
+              f"{_human(t.bytes_reserved):>10}")
     return 0
 
 
@@ -94,9 +132,8 @@ def cmd_describe(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from google.protobuf.json_format import MessageToDict
     with _client(args) as client:
-        print(json.dumps(MessageToDict(client.stats(), preserving_proto_field_name=True), indent=2))
+        print(json.dumps(_stats_dict(client.stats()), indent=2))
     return 0
 
 
@@ -145,7 +182,19 @@ def cmd_health(args) -> int:
 
 def _table_dict(info) -> dict:
     return {**info.spec.to_dict(), "rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
+            "bytes_resident": info.bytes_resident, "bytes_reserved": info.bytes_reserved,
             "lookups": info.lookups, "updates": info.updates}
+
+
+def _stats_dict(stats) -> dict:
+    """A StatsResponse as plain JSON, the way `describe` prints: numbers as numbers, every field."""
+    from memstore.client import table_info
+    return {"version": stats.version, "backend": stats.backend, "read_only": stats.read_only,
+            "shard_index": stats.shard_index, "shard_count": stats.shard_count,
+            "process_resident_bytes": stats.process_resident_bytes, "process_virtual_bytes": stats.process_virtual_bytes,
+            "ram_max_bytes": stats.ram_max_bytes,
+            "counters": {k: int(v) if float(v).is_integer() else v for k, v in sorted(stats.counters.items())},
+            "tables": [_table_dict(table_info(t)) for t in stats.tables]}
 
 
 def _table_line(info) -> str:
@@ -162,7 +211,9 @@ def _human(n: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from memstore import __version__
     parser = argparse.ArgumentParser(prog="memstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"memstore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a memstore daemon")
@@ -170,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--target", default=os.environ.get("MEMSTORE_TARGET", DEFAULT_TARGET))
-        p.add_argument("--token", default=os.environ.get("MEMSTORE_TOKEN", ""))
-        p.add_argument("--timeout", type=float, default=30.0)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_DefaultsShown)
+        p.add_argument("--target", default=os.environ.get("MEMSTORE_TARGET", DEFAULT_TARGET),
+                       help="server host:port (env MEMSTORE_TARGET)")
+        p.add_argument("--token", default=os.environ.get("MEMSTORE_TOKEN", ""),
+                       help="bearer token (default: env MEMSTORE_TOKEN, or none)")  # never print its value
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
         p.add_argument("--tls-client-cert", help="PEM client certificate, for mutual TLS")
         p.add_argument("--tls-client-key", help="PEM client key, for mutual TLS")
@@ -183,20 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     create = client_command("create-table", cmd_create_table, "create a table")
     create.add_argument("name")
-    create.add_argument("--rows", type=int, required=True)
-    create.add_argument("--dim", type=int, required=True)
-    create.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    create.add_argument("--init", default="normal", choices=["zeros", "normal", "uniform"])
-    create.add_argument("--init-scale", type=float, default=0.02)
-    create.add_argument("--seed", type=int, default=0)
-    create.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rowwise_adagrad", "adam"])
-    create.add_argument("--lr", type=float, default=0.01)
-    create.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE",
+    create.add_argument("--rows", type=int, required=True, help="rows of the whole table (all shards)")
+    create.add_argument("--dim", type=int, required=True, help="floats per row")
+    create.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="row storage")
+    create.add_argument("--init", default="normal", choices=["zeros", "normal", "uniform"], help="initial rows")
+    create.add_argument("--init-scale", type=float, default=0.02, help="std (normal) or bound (uniform)")
+    create.add_argument("--seed", type=int, default=0, help="init seed")
+    create.add_argument("--optimizer", default="sgd", choices=["sgd", "adagrad", "rowwise_adagrad", "adam"],
+                        help="applied by the server to every update")
+    create.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    create.add_argument("--optimizer-arg", action="append", default=[], metavar="KEY=VALUE", type=optimizer_arg,
                         help="e.g. --optimizer-arg beta2=0.99 (repeatable)")
-    create.add_argument("--if-not-exists", action="store_true")
+    create.add_argument("--if-not-exists", action="store_true", help="succeed if the same table exists")
 
     ls = client_command("ls", cmd_ls, "list tables")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="JSON, as describe")
     client_command("stats", cmd_stats, "server and table statistics (JSON)")
     snap = client_command("snapshot", cmd_snapshot, "snapshot one table, or all")
     snap.add_argument("name", nargs="?")
@@ -209,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     drop = client_command("drop-table", cmd_drop_table, "drop a table and its snapshots")
     drop.add_argument("name")
     health = client_command("health", cmd_health, "exit 0 when the server is SERVING")
-    health.add_argument("--service", default="")
+    health.add_argument("--service", default="", help="grpc.health.v1 service ('' = the server, or memstore.v1.MemStore)")
 
     from memstore import reshard  # offline: reads and writes data dirs, talks to no server
     resharder = sub.add_parser("reshard", help="offline: re-split N shards' snapshots into M shards")

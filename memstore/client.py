@@ -34,6 +34,8 @@ from memstore.protocol import (
     CHUNK_BYTES,
     ERROR_TRAILER,
     PB_TO_DTYPE,
+    as_row_grads,
+    as_row_ids,
     spec_from_pb,
     spec_to_pb,
     sum_duplicates,
@@ -73,13 +75,16 @@ class TableInfo:
     bytes_used: int
     lookups: int
     updates: int
+    bytes_reserved: int = 0    # claimed: RAM dense arrays, LMDB map (see memstore.memory)
+    bytes_resident: int = 0    # in memory now
 
 
-def _info(msg: pb.TableInfo) -> TableInfo:
+def table_info(msg: pb.TableInfo) -> TableInfo:
     spec = spec_from_pb(msg.spec)
     if msg.shard_count > 1:
         spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
-    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates)
+    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates, msg.bytes_reserved,
+                     msg.bytes_resident)
 
 
 class MemStoreClient:
@@ -151,13 +156,13 @@ class MemStoreClient:
         spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
                          OptimizerSpec(optimizer, lr, optimizer_args))
         request = pb.CreateTableRequest(spec=spec_to_pb(spec), if_not_exists=if_not_exists)
-        return _info(self._call(self._stub.CreateTable, request))
+        return table_info(self._call(self._stub.CreateTable, request))
 
     def describe_table(self, name: str) -> TableInfo:
-        return _info(self._call(self._stub.DescribeTable, pb.DescribeTableRequest(name=name)))
+        return table_info(self._call(self._stub.DescribeTable, pb.DescribeTableRequest(name=name)))
 
     def list_tables(self) -> list[TableInfo]:
-        return [_info(t) for t in self._call(self._stub.ListTables, pb.ListTablesRequest()).tables]
+        return [table_info(t) for t in self._call(self._stub.ListTables, pb.ListTablesRequest()).tables]
 
     def drop_table(self, name: str) -> None:
         self._call(self._stub.DropTable, pb.DropTableRequest(name=name))
@@ -183,8 +188,14 @@ class MemStoreClient:
     # ---- lookups ------------------------------------------------------------------------------
 
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows [len(ids), dim] in the table's storage dtype, in the order of `ids`."""
-        ids = np.ascontiguousarray(ids, dtype="<i8").reshape(-1)
+        """Rows in the table's storage dtype, in the order of `ids`, shaped ids.shape + (dim,):
+        [len(ids), dim] for a 1-D batch, [B, T, dim] for [B, T] ids. Ids of any integer dtype;
+        floats raise TypeError (never truncated)."""
+        ids = as_row_ids(ids)
+        rows = self._lookup_flat(name, ids.reshape(-1))
+        return rows.reshape(*ids.shape, rows.shape[-1])
+
+    def _lookup_flat(self, name: str, ids: np.ndarray) -> np.ndarray:
         rows = self._shared_lookup(name, ids)
         if rows is not None:
             return rows
@@ -283,7 +294,7 @@ class MemStoreClient:
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows."""
-        ids = np.array(ids, dtype="<i8").reshape(-1)  # copy: the caller may reuse its buffer
+        ids = np.array(as_row_ids(ids))  # copy: the caller may reuse its buffer
         return self._async_pool.submit(self.lookup, name, ids)
 
     def _lookup_part(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -311,7 +322,8 @@ class MemStoreClient:
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
                job: Job | None = None, lr: float | None = None) -> bool:
         """One optimizer step on the server: duplicate ids are summed, then applied exactly once.
-        Returns False when the server had already applied it (a retried delivery).
+        Returns False when the server had already applied it (a retried delivery). `ids` as for
+        `lookup` (integers, any shape); `grads` float32 ids.shape + (dim,) or [ids.size, dim].
 
         step: the training step (>= 0). The update is then identified by (client_id, step), or
             (job, step), and applied at most once, so a step that raised may be sent again as a
@@ -325,10 +337,9 @@ class MemStoreClient:
     def update_async(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
                      job: Job | None = None, lr: float | None = None) -> Future:
         """Queue an update; updates of this client reach the server in call order."""
-        ids = np.asarray(ids, dtype="<i8").reshape(-1)
-        grads = np.asarray(grads, dtype="<f4")
-        if grads.ndim != 2 or grads.shape[0] != len(ids):
-            raise ValueError(f"grads must be [len(ids)={len(ids)}, dim], got {grads.shape}")
+        ids = as_row_ids(ids)
+        grads = as_row_grads(grads, ids)  # [ids.size, dim]
+        ids = ids.reshape(-1)
         if job is not None and step is None:
             raise ValueError("a data-parallel update (job=...) needs step=")
         if step is not None and step < 0:

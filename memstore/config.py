@@ -60,6 +60,9 @@ class ServerConfig:
     max_request_bytes: int = 1 << 30          # rows (Lookup) or gradients (Update) one request may hold
     max_concurrent_requests: int = 64         # beyond this: RESOURCE_EXHAUSTED, not a pile-up
     workers: int = 4                          # threads running backend work (numpy/LMDB release the GIL)
+    # SIGTERM: health NOT_SERVING at once, yet RPCs are served for drain_s more, so probes and load
+    # balancers see it and move traffic away before the port closes
+    drain_s: float = 0.0
     grace_s: float = 10.0                     # SIGTERM: time in-flight RPCs get to finish
     max_step_timeout_s: float = 3600.0        # cap on the rank timeout a data-parallel job asks for
     # Testing only: sleep this long in every Lookup (a slow or distant server, for prefetch tests)
@@ -69,7 +72,7 @@ class ServerConfig:
     log_format: str = "text"           # text | json (one JSON object per line)
 
     def validate(self) -> ServerConfig:
-        _check(self.backend in ("ram", "lmdb"), f"backend must be ram or lmdb, got {self.backend!r}")
+        _check(self.backend in CHOICES["backend"], f"backend must be ram or lmdb, got {self.backend!r}")
         _check(0 <= self.port < 65536, f"port must be in [0, 65535], got {self.port}")
         _check(-1 <= self.metrics_port < 65536, f"metrics_port must be -1 or a port, got {self.metrics_port}")
         _check(self.shard_count >= 1, f"shard_count must be >= 1, got {self.shard_count}")
@@ -84,6 +87,7 @@ class ServerConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         _check(self.ram_max_bytes >= -1, "ram_max_bytes must be > 0, 0 (auto) or -1 (no cap)")
         _check(self.max_step_timeout_s > 0, "max_step_timeout_s must be > 0")
+        _check(self.drain_s >= 0 and self.grace_s >= 0, "drain_s and grace_s must be >= 0")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")
         _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
@@ -109,6 +113,50 @@ class ServerConfig:
         return Path(self.data_dir)
 
 
+# What `memstore serve --help` says of each option (the comments above say why it is there).
+HELP = {
+    "host": "bind address; 0.0.0.0 only on a trusted network, with a token",
+    "port": "gRPC port; 0 picks a free one (printed at start)",
+    "metrics_port": "Prometheus /metrics port; 0 picks a free one, off (-1) disables",
+    "backend": "ram: dense numpy arrays, snapshotted; lmdb: memory-mapped LMDB, every update durable",
+    "data_dir": "snapshots, checkpoints, LMDB tables",
+    "keep_snapshots": "newest snapshots kept per table",
+    "snapshot_interval_s": "RAM backend: snapshot changed tables this often; off (0) disables",
+    "keep_checkpoints": "newest tagged (training-job) checkpoints kept per table",
+    "ram_memmap": "RAM backend: back the arrays by files in the data dir (tables may exceed RAM)",
+    "shm_dir": "RAM backend: tables in shared memory here, read by same-host clients; '' = off",
+    "ram_max_bytes": "RAM backend: cap on the dense bytes of all tables; 0 = auto (80% of memory), -1 = no cap",
+    "lmdb_sync": "fsync every commit (acknowledged updates survive power loss)",
+    "lmdb_map_size": "initial LMDB map size per table (grown automatically)",
+    "lmdb_max_map_size": "cap on an LMDB table's map; 0 = no cap",
+    "shard_index": "this daemon's shard, or auto: the trailing -N of the hostname (Kubernetes)",
+    "shard_count": "shards in the cluster",
+    "token": "bearer token required on every RPC but health; '' = none",
+    "tls_cert": "PEM server certificate (enables TLS)",
+    "tls_key": "PEM private key of tls_cert",
+    "tls_client_ca": "PEM CA: clients must present a certificate it signed (mutual TLS)",
+    "read_only": "refuse CreateTable, DropTable, Update, Restore (PERMISSION_DENIED)",
+    "max_rows_per_request": "rows one Lookup or Update may carry (RESOURCE_EXHAUSTED beyond)",
+    "max_request_bytes": "rows (Lookup) or gradients (Update) bytes one request may hold",
+    "max_concurrent_requests": "RPCs admitted at once; beyond: RESOURCE_EXHAUSTED, never a pile-up",
+    "workers": "threads running backend work",
+    "drain_s": "on SIGTERM: health turns NOT_SERVING but RPCs are still served this long, so load "
+               "balancers move away first; a second signal ends it; off (0) skips it",
+    "grace_s": "on SIGTERM, after the drain: time in-flight RPCs get to finish",
+    "max_step_timeout_s": "cap on the rank timeout a data-parallel job may ask for",
+    "log_level": "log level",
+    "log_format": "text, or json (one object per line)",
+}
+# Values `--help` shows by their meaning, and options whose value is one of a few words.
+DEFAULT_SHOWN = {"metrics_port": "off", "snapshot_interval_s": "off", "drain_s": "off", "ram_max_bytes": "auto",
+                 "lmdb_max_map_size": "no cap", "token": "none", "tls_cert": "none", "tls_key": "none",
+                 "tls_client_ca": "none"}
+CHOICES = {"backend": ("ram", "lmdb"), "shard_index": ("N", "auto"), "log_format": ("text", "json"),
+           "log_level": ("debug", "info", "warning", "error")}
+OFF = {"metrics_port": -1, "snapshot_interval_s": 0.0, "drain_s": 0.0}  # options that also take the word "off"
+TESTING_ONLY = {"fault_lookup_delay_ms"}  # settable, but not offered in --help
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -120,6 +168,8 @@ FIELDS = {f.name: f for f in fields(ServerConfig)}
 def coerce(name: str, raw: Any) -> Any:
     """Turn a file/env/flag value into the field's type, with a message naming the field."""
     kind = type(getattr(ServerConfig(), name))
+    if name in OFF and str(raw).strip().lower() == "off":
+        return OFF[name]
     try:
         if kind is bool:
             if isinstance(raw, bool):

@@ -8,7 +8,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -20,7 +27,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http = None  # the /metrics server, once started
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
         self.requests = Counter("memstore_requests", "RPCs by method and status code",
                                 ["method", "code"], registry=r)
         self.latency = Histogram("memstore_request_seconds", "RPC latency by method", ["method"],
@@ -35,8 +44,14 @@ class Metrics:
 
     def serve_http(self, port: int, host: str) -> int:
         """Expose /metrics; returns the bound port (port 0 picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
 
 
 class _TableCollector:
@@ -45,9 +60,15 @@ class _TableCollector:
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         rows = GaugeMetricFamily("memstore_table_rows_materialized", "rows holding storage", labels=["table"])
-        size = GaugeMetricFamily("memstore_table_bytes", "bytes of rows + optimizer state", labels=["table"])
+        size = GaugeMetricFamily("memstore_table_bytes", "bytes of the materialised rows + their optimizer state",
+                                 labels=["table"])
+        reserved = GaugeMetricFamily("memstore_table_reserved_bytes",
+                                     "bytes the table has claimed: RAM dense arrays, LMDB map", labels=["table"])
+        resident = GaugeMetricFamily("memstore_table_resident_bytes", "bytes of the table in memory now",
+                                     labels=["table"])
         for view in self.store.list_tables():
             rows.add_metric([view.spec.name], view.rows_materialized)
             size.add_metric([view.spec.name], view.bytes_used)
-        yield rows
-        yield size
+            reserved.add_metric([view.spec.name], view.bytes_reserved)
+            resident.add_metric([view.spec.name], view.bytes_resident)
+        yield from (rows, size, reserved, resident)

@@ -1,4 +1,4 @@
-"""What both sides of the wire share: message constants, spec conversion, duplicate summing.
+"""What both sides of the wire share: message constants, spec conversion, row ids, duplicate summing.
 
 The server (`memstore.servicer`) and the plain client (`memstore.client`) both import this
 module and nothing of each other, so the client never pulls in server internals.
@@ -32,6 +32,37 @@ def spec_to_pb(spec: TableSpec) -> pb.TableSpec:
         name=spec.name, num_rows=spec.num_rows, dim=spec.dim, dtype=DTYPE_TO_PB[spec.dtype],
         init=pb.InitSpec(kind=spec.init.kind, scale=spec.init.scale, seed=spec.init.seed),
         optimizer=pb.OptimizerSpec(kind=spec.optimizer.kind, lr=spec.optimizer.lr, args=spec.optimizer.args))
+
+
+def as_row_ids(ids) -> np.ndarray:
+    """`ids` as a C-contiguous little-endian int64 array of the same shape (a view when it is one).
+
+    Any integer dtype is fine. Floats are refused, integer-valued ones too: a float id may
+    already have been rounded (float32 holds integers exactly only up to 2**24, float64 up to
+    2**53), and truncating 1.7 to row 1 would train the wrong row silently. So are bools.
+    """
+    array = np.asarray(ids)
+    if array.size == 0:
+        return np.zeros(array.shape, dtype="<i8")  # np.asarray([]) is float64: an empty batch is fine
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"row ids must be integers (any numpy int dtype), got dtype {array.dtype}: float ids are "
+                        "refused rather than truncated (1.7 would read row 1); convert exactly, e.g. "
+                        "ids.astype(np.int64) after checking they are whole")
+    if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"row id {int(array.max())} does not fit int64 (row ids are int64 on the wire)")
+    return np.asarray(array, dtype="<i8", order="C")  # (ascontiguousarray would make a scalar 1-D)
+
+
+def as_row_grads(grads, ids: np.ndarray) -> np.ndarray:
+    """Gradients as float32 [ids.size, dim], given shaped like the rows of a lookup of `ids`
+    (ids.shape + (dim,)) or already flat ([ids.size, dim])."""
+    grads = np.asarray(grads, dtype="<f4")
+    if grads.ndim == ids.ndim + 1 and grads.shape[:-1] == ids.shape:
+        return grads.reshape(ids.size, grads.shape[-1])
+    if grads.ndim == 2 and grads.shape[0] == ids.size:
+        return grads
+    raise ValueError(f"grads must be ids.shape + (dim,) = {(*ids.shape, 'dim')} or [{ids.size}, dim], "
+                     f"got {grads.shape}")
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,18 +2,23 @@
 
 - `create_server(config)` builds and starts a server (port 0 picks a free one) → (server, port).
 - `serve(config)` runs one until SIGTERM/SIGINT, then stops gracefully: health flips to
-  NOT_SERVING, in-flight RPCs get `grace_s` to finish, RAM tables are snapshotted.
+  NOT_SERVING, RPCs are still served for `drain_s` (probes and load balancers see the flip and
+  move away; a second signal ends the drain), then new RPCs are refused, in-flight ones get
+  `grace_s` to finish, and RAM tables are snapshotted.
 - `ServerThread` runs a server on a background event loop: tests, benchmarks and the demo use it
   to get a real server in-process.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -59,10 +64,16 @@ class MemStoreServer:
     config: ServerConfig
     _checkpoint_task: asyncio.Task | None = None
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new RPCs, let in-flight ones finish, persist RAM tables, release storage."""
+    async def stop(self, grace: float | None = None, drain_s: float = 0.0,
+                   drain_ended: asyncio.Event | None = None) -> None:
+        """Health NOT_SERVING; keep serving for `drain_s` (or until `drain_ended` is set); then
+        refuse new RPCs, let in-flight ones finish, persist RAM tables, release storage."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            log.info("draining: health NOT_SERVING, still serving for %.1fs (a second signal ends it)", drain_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((drain_ended or asyncio.Event()).wait(), drain_s)
         if self._checkpoint_task:
             self._checkpoint_task.cancel()
         await self.grpc_server.stop(grace)
@@ -72,6 +83,7 @@ class MemStoreServer:
         log.info("checkpointed tables in %.2fs", time.perf_counter() - started)
         await loop.run_in_executor(self.executor, self.store.backend.close)
         self.executor.shutdown(wait=True)
+        self.metrics.stop_http()
         log.info("stopped")
 
 
@@ -204,21 +216,57 @@ def build_store(config: ServerConfig) -> Store:
                  max_request_bytes=config.max_request_bytes, read_only=config.read_only)
 
 
+class StartupError(Exception):
+    """The server cannot start where it was told to (a port in use, an unreadable TLS file);
+    the message says which and why. `memstore serve` prints it instead of a traceback."""
+
+
 def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not config.tls_cert:
         return None
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+    def read(option: str) -> bytes:
+        path = getattr(config, option)
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise StartupError(f"{option} {path}: {exc.strerror}") from None
+    client_ca = read("tls_client_ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read("tls_key"), read("tls_cert"))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    credentials = _credentials(config)
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # gRPC says only "Failed to bind"; the OS says why
+        raise StartupError(f"cannot listen on {address}: {bind_failure(config.host, config.port)}") from None
+
+
+def bind_failure(host: str, port: int) -> str:
+    """Why an address cannot be bound: what the OS answers to binding it ourselves."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"host {host!r} does not resolve ({exc.strerror})"
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                in_use = exc.errno == errno.EADDRINUSE
+                return exc.strerror + (" (another memstore? choose another port, or 0 for a free one)" if in_use else "")
+    return "gRPC refused it (with TLS: are tls_cert and tls_key a valid PEM pair?)"
 
 
 async def create_server(config: ServerConfig, store: Store | None = None) -> tuple[MemStoreServer, int]:
-    """Build, bind and start a server; returns it and the port it bound."""
+    """Build, bind and start a server; returns it and the port it bound. The ports are bound
+    first: a port in use is a StartupError before the data dir is opened (a RAM reload can
+    take minutes)."""
     config.validate()
-    store = store or build_store(config)
     metrics = Metrics()
-    metrics.watch_store(store)
     # Outermost first: refuse unauthenticated calls before counting them, count before timing.
     admission = ConcurrencyLimitInterceptor(config.max_concurrent_requests)
     interceptors = [admission, MetricsInterceptor(metrics), ErrorInterceptor()]
@@ -228,6 +276,15 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 0)],  # never share a port with another process by accident
     )
+    port = _bind(server, config)
+    try:
+        metrics_port = _serve_metrics(metrics, config)
+        store = store or build_store(config)
+    except BaseException:
+        metrics.stop_http()
+        await server.stop(None)  # releases the port
+        raise
+    metrics.watch_store(store)
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="memstore-io")
     add_to_server(MemStoreServicer(
         store, executor, config.backend, metrics, lookup_delay_s=config.fault_lookup_delay_ms / 1e3,
@@ -235,22 +292,28 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, [SERVICE_NAME, health.SERVICE_NAME])
-
-    address = f"{config.host}:{config.port}"
-    credentials = _credentials(config)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    metrics_port = metrics.serve_http(config.metrics_port, config.host) if config.metrics_port >= 0 else None
     running = MemStoreServer(server, port, store, health_servicer, executor, metrics, metrics_port, config)
     if config.snapshot_interval_s > 0 and config.backend == "ram":
         running._checkpoint_task = asyncio.create_task(_checkpoint_every(running, config.snapshot_interval_s))
     log.info("serving", extra={"fields": {
-        "address": f"{config.host}:{port}", "backend": config.backend, "tls": bool(credentials),
+        "address": f"{config.host}:{port}", "backend": config.backend, "tls": bool(config.tls_cert),
         "auth": bool(config.token), "read_only": config.read_only, "metrics_port": metrics_port,
         "shard": f"{store.layout.index}/{store.layout.count}"}})
     return running, port
+
+
+def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int | None:
+    if config.metrics_port < 0:
+        return None
+    try:
+        return metrics.serve_http(config.metrics_port, config.host)
+    except OSError as exc:
+        address = f"{config.host}:{config.metrics_port}"
+        raise StartupError(f"cannot serve metrics on {address}: {exc.strerror}"
+                           + (" (choose another metrics_port)" if exc.errno == errno.EADDRINUSE else "")) from None
 
 
 async def _checkpoint_every(server: MemStoreServer, interval_s: float) -> None:
@@ -276,8 +339,9 @@ async def _serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     print(f"memstore listening on {config.host}:{port}", flush=True)  # scripts wait for this line
     await stop.wait()
-    log.info("signal received: stopping (grace %.1fs)", config.grace_s)
-    await server.stop()
+    stop.clear()  # from here a second signal ends the drain
+    log.info("signal received: stopping (drain %.1fs, grace %.1fs)", config.drain_s, config.grace_s)
+    await server.stop(drain_s=config.drain_s, drain_ended=stop)
 
 
 class ServerThread:

@@ -16,7 +16,7 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from memstore import __version__, shm
+from memstore import __version__, memory, shm
 from memstore.errors import InvalidArgument
 from memstore.metrics import Metrics
 from memstore.protocol import CHUNK_BYTES, DTYPE_TO_PB, spec_from_pb, spec_to_pb
@@ -33,7 +33,8 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
     return pb.TableInfo(spec=spec_to_pb(view.spec), rows_materialized=view.rows_materialized,
                         bytes_used=view.bytes_used, lookups=view.counters.lookups,
                         updates=view.counters.updates, shard_index=view.spec.shard_index,
-                        shard_count=view.spec.shard_count)
+                        shard_count=view.spec.shard_count, bytes_reserved=view.bytes_reserved,
+                        bytes_resident=view.bytes_resident)
 
 
 def _update_chunk(raw: bytes) -> UpdateChunk:
@@ -133,10 +134,13 @@ class MemStoreServicer(pb_grpc.MemStoreServicer):
             "update_rows": float(sum(v.counters.update_rows for v in views)),
             "duplicate_updates": float(sum(v.counters.duplicate_updates for v in views)),
         }
+        resident, virtual = memory.process_memory()
         return pb.StatsResponse(tables=[info_to_pb(v) for v in views], counters=counters,
                                 version=__version__, backend=self.backend_name,
                                 read_only=self.store.read_only, shard_index=self.store.layout.index,
-                                shard_count=self.store.layout.count)
+                                shard_count=self.store.layout.count, process_resident_bytes=resident,
+                                process_virtual_bytes=virtual,
+                                ram_max_bytes=getattr(self.store.backend, "max_bytes", None) or 0)
 
     # ---- data path ----------------------------------------------------------------------------
 

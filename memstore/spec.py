@@ -135,3 +135,22 @@ class TableSpec:
         return cls(name=d["name"], num_rows=int(d["num_rows"]), dim=int(d["dim"]), dtype=d["dtype"],
                    init=InitSpec(**d["init"]), optimizer=OptimizerSpec(**d["optimizer"]),
                    shard_index=int(d.get("shard_index", 0)), shard_count=int(d.get("shard_count", 1)))
+
+
+def spec_differences(existing: TableSpec, requested: TableSpec) -> list[str]:
+    """One "field: existing X, requested Y" per field in which two specs differ (optimizer
+    arguments one by one, defaults filled in), in the spec's field order."""
+    ours, theirs = _flat(existing.to_dict()), _flat(requested.to_dict())
+    keys = [*ours, *(k for k in theirs if k not in ours)]
+    return [f"{k}: existing {ours.get(k)!r}, requested {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"lr": 0.01}} → {"optimizer.lr": 0.01}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

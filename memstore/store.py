@@ -26,7 +26,7 @@ from memstore.errors import (
     ResourceExhausted,
 )
 from memstore.protocol import sum_duplicates
-from memstore.spec import TableSpec
+from memstore.spec import TableSpec, spec_differences
 
 ID_DTYPE = np.dtype("<i8")
 GRAD_DTYPE = np.dtype("<f4")
@@ -60,6 +60,8 @@ class TableView:
     rows_materialized: int
     bytes_used: int
     counters: TableCounters
+    bytes_reserved: int = 0
+    bytes_resident: int = 0
 
 
 def parse_ids(raw: bytes, what: str = "ids") -> np.ndarray:
@@ -99,9 +101,10 @@ class Store:
                 existing = self.backend.get(spec.name).spec
                 if if_not_exists and existing == local_spec:
                     return self.describe(spec.name)
-                raise AlreadyExists(
-                    f"table {spec.name!r} exists with a {'different ' if existing != local_spec else ''}spec: "
-                    f"{_describe_spec(existing)}")
+                if existing == local_spec:
+                    raise AlreadyExists(f"table {spec.name!r} exists (with this spec: {_describe_spec(existing)})")
+                raise AlreadyExists(f"table {spec.name!r} exists with a different spec: "
+                                    f"{'; '.join(spec_differences(existing, local_spec))}")
             self.backend.create_table(local_spec)
         return self.describe(spec.name)
 
@@ -117,7 +120,8 @@ class Store:
     def describe(self, name: str) -> TableView:
         table = self.backend.get(name)
         usage = table.usage()
-        return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name))
+        return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name),
+                         usage.bytes_reserved, usage.bytes_resident)
 
     def list_tables(self) -> list[TableView]:
         return [self.describe(t.spec.name) for t in sorted(self.backend.tables(), key=lambda t: t.spec.name)]

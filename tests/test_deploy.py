@@ -161,8 +161,11 @@ def test_config_files_are_accepted_by_server_config():
                  if line.strip() and not line.startswith("#")]
     load_env(dict(line.split("=", 1) for line in env_lines))
     grace = k8s_object("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= 2 * config.get("grace_s", FIELDS["grace_s"].default), \
-        "the pod must outlive the RPC grace period plus a RAM snapshot"
+    drain_s, grace_s = (config.get(name, FIELDS[name].default) for name in ("drain_s", "grace_s"))
+    assert grace >= drain_s + 2 * grace_s, "the pod must outlive the drain, the RPC grace period and a RAM snapshot"
+    readiness = memstore_container()["readinessProbe"]
+    assert drain_s >= readiness["periodSeconds"] * readiness["failureThreshold"], \
+        "the drain must last until the readiness probe has seen NOT_SERVING"
 
 
 def test_statefulset_is_one_pod_per_shard():

@@ -33,7 +33,7 @@ def test_cli_talks_to_a_running_server(tmp_path):
         described = json.loads(memstore("describe", "emb", *target))
         assert described["optimizer"]["args"]["beta2"] == 0.99
         stats = json.loads(memstore("stats", *target))
-        assert stats["backend"] == "lmdb" and stats["tables"][0]["spec"]["name"] == "emb"
+        assert stats["backend"] == "lmdb" and stats["tables"][0]["name"] == "emb"
         path = memstore("snapshot", "emb", *target).strip()
         assert (tmp_path / "data") in __import__("pathlib").Path(path).parents
         assert srv.stop() == 0

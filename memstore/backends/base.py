@@ -38,7 +38,9 @@ from memstore.spec import TableSpec
 @dataclass(frozen=True)
 class TableUsage:
     rows_materialized: int  # rows that hold storage (touched rows; all rows for eager backends)
-    bytes_used: int         # bytes of rows + optimizer state held in RAM or on disk
+    bytes_used: int         # bytes of the materialised rows + their optimizer state
+    bytes_reserved: int = 0  # what the table has claimed: RAM dense arrays, LMDB map (memstore.memory)
+    bytes_resident: int = 0  # what of it is in memory now
 
 
 class Table(ABC):

@@ -19,7 +19,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from memstore import dtypes, optimizers
+from memstore import dtypes, memory, optimizers
 from memstore.backends.base import Table, TableUsage
 from memstore.backends.common import MAX_CLIENTS, is_duplicate
 from memstore.errors import FailedPrecondition, NotFound, ResourceExhausted
@@ -368,8 +368,9 @@ class LmdbTable(Table):
     def usage(self) -> TableUsage:
         with self._read_txn() as txn:
             rows = txn.stat(self._rows_db)["entries"]
-            used = self._used_bytes()
-        return TableUsage(rows_materialized=rows, bytes_used=used)
+            used, reserved = self._used_bytes(), self._map_size()
+        return TableUsage(rows_materialized=rows, bytes_used=used, bytes_reserved=reserved,
+                          bytes_resident=memory.file_resident_bytes(self.path / "data.mdb"))
 
     def snapshot(self, dest: Path) -> Path:
         """Export from one read transaction: a consistent view, and writers go on meanwhile.

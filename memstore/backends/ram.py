@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore import dtypes, optimizers, shm
+from memstore import dtypes, memory, optimizers, shm
 from memstore.backends.base import Backend, Table, TableUsage
 from memstore.backends.common import SNAPSHOTS_DIR, DataDirLock, DedupMemory, Tombstones
 from memstore.errors import AlreadyExists, NotFound, ResourceExhausted
@@ -220,8 +220,16 @@ class RamTable(Table):
     # ---- persistence ----------------------------------------------------------------------
 
     def usage(self) -> TableUsage:
+        a = self._a
+        if a is None:  # dropped
+            resident = 0
+        elif self.shared is not None:  # files allocated in full on a tmpfs: all of it is memory
+            resident = memory.allocated_bytes(self.shared.path)
+        else:
+            resident = sum(memory.resident_bytes(x) for x in (a.rows, a.state, a.materialized))
         return TableUsage(rows_materialized=self._count,
-                          bytes_used=self._count * (self.spec.row_bytes + 4 * self._width))
+                          bytes_used=self._count * (self.spec.row_bytes + 4 * self._width),
+                          bytes_reserved=dense_bytes(self.spec), bytes_resident=resident)
 
     def snapshot(self, dest: Path) -> Path:
         """Copy the materialized rows out under the writer lock (consistent; no second copy of

@@ -62,7 +62,7 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init: _Optional[_Union[InitSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("spec", "rows_materialized", "bytes_used", "lookups", "updates", "shard_index", "shard_count")
+    __slots__ = ("spec", "rows_materialized", "bytes_used", "lookups", "updates", "shard_index", "shard_count", "bytes_reserved", "bytes_resident")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROWS_MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
     BYTES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class TableInfo(_message.Message):
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     spec: TableSpec
     rows_materialized: int
     bytes_used: int
@@ -77,7 +79,9 @@ class TableInfo(_message.Message):
     updates: int
     shard_index: int
     shard_count: int
-    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., rows_materialized: _Optional[int] = ..., bytes_used: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    bytes_reserved: int
+    bytes_resident: int
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., rows_materialized: _Optional[int] = ..., bytes_used: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., bytes_resident: _Optional[int] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
     __slots__ = ("spec", "if_not_exists")
@@ -206,7 +210,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tables", "counters", "version", "backend", "read_only", "shard_index", "shard_count")
+    __slots__ = ("tables", "counters", "version", "backend", "read_only", "shard_index", "shard_count", "process_resident_bytes", "process_virtual_bytes", "ram_max_bytes")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +225,9 @@ class StatsResponse(_message.Message):
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_VIRTUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RAM_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     tables: _containers.RepeatedCompositeFieldContainer[TableInfo]
     counters: _containers.ScalarMap[str, float]
     version: str
@@ -228,7 +235,10 @@ class StatsResponse(_message.Message):
     read_only: bool
     shard_index: int
     shard_count: int
-    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., read_only: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    process_resident_bytes: int
+    process_virtual_bytes: int
+    ram_max_bytes: int
+    def __init__(self, tables: _Optional[_Iterable[_Union[TableInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, float]] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., read_only: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., process_resident_bytes: _Optional[int] = ..., process_virtual_bytes: _Optional[int] = ..., ram_max_bytes: _Optional[int] = ...) -> None: ...
 
 class MapTableRequest(_message.Message):
     __slots__ = ("table",)
