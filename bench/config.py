@@ -32,7 +32,7 @@ class DecodeShape:
     layers 1 and n_layer-2, serving `requests` real-text prompts of uniform(100, 1024) tokens,
     `batch` sequences decoding together (continuous batching). Tables: 2-grams and 3-grams,
     4 heads each of `table_rows` rows x 32 (~800k rows per layer), and a large size of
-    `large_table_rows` per head (~10M rows, 640 MiB fp16 per layer) whose lookups hit cold memory."""
+    `large_table_rows` per head (~20M rows, 1.2 GiB fp16 per layer) whose lookups hit cold memory."""
     vocab_size: int = 4096                          # the demo's BPE over its corpus
     corpus_mb: float = 0                            # train text the BPE sees (0 = all, as `make demo`)
     n_layer: int = 6
@@ -43,7 +43,7 @@ class DecodeShape:
     requests: int = 16
     batch: int = 8
     table_rows: int = 100_003
-    large_table_rows: int = 1_250_003              # 0: no large-table rows
+    large_table_rows: int = 2_500_009              # 0: no large-table rows
     heads_per_ngram: int = 4
     embed_per_ngram: int = 128
     cache_mib: int = 16                            # row cache per layer for the cached variant

@@ -13,8 +13,9 @@ Variants (each its own model, same dense weights; rounds interleave them):
   lookup sent at model entry (`EntryPrefetch`); "gRPC" or "same-host" (the table mapped read-only).
 - memstore ..., no prefetch: each block looks its rows up when the forward reaches it.
 - + row cache: a `RowCache` per layer in front of gRPC; its hit rate is reported.
-- large tables: ~10M rows per layer (fp16, materialised: lookups hit cold memory), RAM and LMDB
-  daemons, ratios to local tables of the same size.
+- large tables: ~20M rows per layer (fp16, 1.2 GiB per table, materialised: lookups hit cold
+  memory), RAM and LMDB daemons, ratios to local tables of the same size.
+Every daemon is a `--read-only` serving replica of tables written beforehand.
 Throughput = generated tokens / wall time of the whole run (prefills included, as Table 4);
 "decode tokens/s" counts the decode steps only.
 """
@@ -115,11 +116,12 @@ def table_name(layer: int, rows_per_head: int) -> str:
 
 
 def serve_tables(work: Path, backend: str, hasher: NgramHasher, rows_per_head: int) -> MemstoreServer:
-    """A daemon whose Engram tables (one per layer) are materialised: every row has been written."""
+    """A read-only daemon (a serving replica) whose Engram tables, one per layer, are materialised:
+    every row has been written."""
     dim = hasher.config.head_dim
     preload(work, backend, [(optimizer_spec(table_name(layer, rows_per_head), hasher.total_rows(layer), dim, DTYPE,
                                             "sgd", 0.01, NORMAL), None) for layer in hasher.config.layer_ids])
-    return MemstoreServer(work, backend)
+    return MemstoreServer(work, backend, "--read-only")
 
 
 def remote_factory(client, hasher: NgramHasher, rows_per_head: int, cache_mib: int = 0):
@@ -164,8 +166,12 @@ def run(cfg: BenchConfig, work: Path) -> Section:
                                 f"batch {shape.batch} (continuous batching)")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))  # a core for the client's and server's threads
+    # Attention over ~1000 keys yields denormal floats, which cost x/86 CPUs 100s of cycles each
+    # and made whichever model met more of them up to 2x slower (measured): flush them, as GPUs do.
+    torch.set_flush_denormal(True)
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, threads_before)
+        stack.callback(torch.set_flush_denormal, False)
         torch.manual_seed(cfg.seed)
         variants = [Variant(LOCAL, make_model(shape, small, local_factory(small)), tables=
                             f"{small.total_rows(1) / 1e6:.1f} M rows/layer, local fp32")]
@@ -211,7 +217,8 @@ def report(section: Section, variants: list[Variant], shape: DecodeShape) -> Non
     section.notes.append(
         f"Prompts uniform{shape.prompt_tokens} tokens, continuations uniform{shape.new_tokens}, cut from the demo "
         "corpus's validation stream and teacher-forced; each new request is prefilled alone and joins the batch. "
-        f"torch uses {torch.get_num_threads()} thread(s): a core is left to the memstore client and server.")
+        f"torch uses {torch.get_num_threads()} thread(s): a core is left to the memstore client and server; "
+        "denormal floats are flushed to zero (unflushed, they made local-table runs up to 2x slower).")
     section.notes.append(
         "The daemon runs on the same CPU cores as the model here, so its CPU time per token (last column) is "
         "taken from the model; on a GPU host the model runs on the GPU and the host cores serving the table "

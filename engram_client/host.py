@@ -16,7 +16,7 @@ import numpy as np
 
 from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
-from memstore.client import Job, StepOrder, TableInfo
+from memstore.client import INLINE_GATHER_ROWS, Job, StepOrder, TableInfo, completed
 from memstore.protocol import as_row_grads, as_row_ids
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
 from memstore.store import Store
@@ -48,6 +48,8 @@ class InProcessStore:
         return rows.reshape(*ids.shape, rows.shape[-1])
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
+        if np.size(ids) <= INLINE_GATHER_ROWS:  # a thread hand-off costs more than a small gather
+            return completed(self.lookup, name, ids)
         return self._lookups.submit(self.lookup, name, ids)
 
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, **step_args) -> bool:
