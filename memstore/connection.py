@@ -75,13 +75,13 @@ class Retrying:
                     raise
                 self._fail_fast_on_tls(exc)
                 now = time.monotonic()
-                if now + delay > deadline:
+                if now >= deadline:
                     raise self._gave_up(exc, attempts, now - start) from None
                 if attempts == 1 or now - logged >= LOG_EVERY_S:
                     logged = now
                     log.warning("memstore %s: %s; retrying (attempt %d, %.0f s of retry_timeout_s=%g)",
                                 self.target, exc, attempts, now - start, self.retry_timeout_s)
-                time.sleep(delay)
+                time.sleep(min(delay, deadline - now))  # the last attempt lands on the deadline
                 delay = min(delay * 2, 2.0)
                 continue
             if attempts > 1:
