@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 import numpy as np
@@ -49,6 +49,7 @@ from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
 from memstore.wire import decode_lookup_chunk, encode_update_chunk
 
+T = TypeVar("T")
 # Below this many ids per call, splitting a lookup costs more than it overlaps: measured with
 # client and server on the same 2 cores, one 64k call (11 ms) beat two 32k calls (12.6 ms).
 MIN_IDS_PER_CALL = 1 << 16
@@ -116,7 +117,7 @@ class MemStoreClient:
         self.target = target = _single_target(target)
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
-        self._retry = Retrying(target, retry_timeout_s, tls=bool(tls))
+        self._retrying = Retrying(target, tls=bool(tls))
         token = token_or_env(token)
         self.client_id = client_id or uuid.uuid4().hex
         self.max_ids_per_call = max_ids_per_call
@@ -461,6 +462,9 @@ class MemStoreClient:
             except grpc.RpcError as exc:
                 raise _as_error(exc) from None
         return self._retry(once)
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
+        return self._retrying(attempt, self.retry_timeout_s)  # read now: callers may change it
 
     def close(self) -> None:
         self._update_sender.shutdown(wait=True)

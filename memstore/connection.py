@@ -59,13 +59,14 @@ def as_error(exc: grpc.RpcError) -> MemStoreError:
 class Retrying:
     """Runs one call of a client against `target`, retrying what heals (see the module doc)."""
 
-    def __init__(self, target: str, retry_timeout_s: float, *, tls: bool):
-        self.target, self.retry_timeout_s, self.tls = target, retry_timeout_s, tls
+    def __init__(self, target: str, *, tls: bool):
+        self.target, self.tls = target, tls
         self._probed = False   # the TLS probe runs at most once per client
 
-    def __call__(self, attempt: Callable[[], T]) -> T:
+    def __call__(self, attempt: Callable[[], T], retry_timeout_s: float) -> T:
+        """`attempt()`, retried for up to `retry_timeout_s` (the client's, read at each call)."""
         start = time.monotonic()
-        deadline, delay, attempts, logged = start + self.retry_timeout_s, 0.05, 0, start
+        deadline, delay, attempts, logged = start + retry_timeout_s, 0.05, 0, start
         while True:
             attempts += 1
             try:
@@ -76,11 +77,11 @@ class Retrying:
                 self._fail_fast_on_tls(exc)
                 now = time.monotonic()
                 if now >= deadline:
-                    raise self._gave_up(exc, attempts, now - start) from None
+                    raise self._gave_up(exc, attempts, now - start, retry_timeout_s) from None
                 if attempts == 1 or now - logged >= LOG_EVERY_S:
                     logged = now
                     log.warning("memstore %s: %s; retrying (attempt %d, %.0f s of retry_timeout_s=%g)",
-                                self.target, exc, attempts, now - start, self.retry_timeout_s)
+                                self.target, exc, attempts, now - start, retry_timeout_s)
                 time.sleep(min(delay, deadline - now))  # the last attempt lands on the deadline
                 delay = min(delay * 2, 2.0)
                 continue
@@ -89,11 +90,11 @@ class Retrying:
                             time.monotonic() - start)
             return result
 
-    def _gave_up(self, exc: MemStoreError, attempts: int, elapsed_s: float) -> MemStoreError:
+    def _gave_up(self, exc: MemStoreError, attempts: int, elapsed_s: float, retry_timeout_s: float) -> MemStoreError:
         """The last error, saying where, how often and how long; still marked retryable (a caller
         that re-sends a whole training step relies on that)."""
         tried = (f"{attempts} attempt{'s' if attempts > 1 else ''} in {elapsed_s:.1f} s "
-                 f"(retry_timeout_s={self.retry_timeout_s:g})")
+                 f"(retry_timeout_s={retry_timeout_s:g})")
         hint = ""
         if exc.code == grpc.StatusCode.UNAVAILABLE:
             hint = "; is a memstore server listening there (address, port, --host)?"
