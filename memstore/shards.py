@@ -23,7 +23,7 @@ def on_shard(exc: BaseException, index: int, target: str) -> BaseException:
     status code and retryability; anything else is returned as is)."""
     if not isinstance(exc, MemStoreError) or exc.message.startswith("shard "):
         return exc
-    named = type(exc)(f"shard {index} ({target}): {exc.message}")
+    named = type(exc)(f"shard {index} ({target}): {exc.message.removeprefix(f'{target}: ')}")
     named.retryable = getattr(exc, "retryable", False)
     return named
 
