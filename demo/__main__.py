@@ -68,7 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mode", choices=("sync", "async"), default="sync", help="memstore consistency")
     g = p.add_argument_group("memstore")
     g.add_argument("--memstore", default=None, metavar="HOST:PORT,...",
-                   help="use these running shards (in shard-index order) instead of starting a daemon")
+                   help="use these running shards (in shard-index order; any cluster spec: a,b,c, "
+                        "pattern-{i}:port*N, @cluster.toml) instead of starting a daemon")
+    g.add_argument("--token", default=None,
+                   help="bearer token of the --memstore shards (default: $MEMSTORE_TOKEN)")
     g.add_argument("--backend", choices=("ram", "lmdb"), default="ram",
                    help="backend of the started daemon (the trainer reads its rows itself: shared memory, or LMDB read-only)")
     g.add_argument("--lmdb-sync", choices=("true", "false"), default="false",
@@ -159,6 +162,7 @@ def _connect(args: argparse.Namespace, daemon: MemstoreDaemon | None):
         return None
     from engram_client.sharded import ShardedClient
     from memstore.client import MemStoreClient
+    from memstore.cluster import resolve_targets
 
     if daemon is not None:
         daemon.start()
@@ -166,8 +170,10 @@ def _connect(args: argparse.Namespace, daemon: MemstoreDaemon | None):
         print(f"memstore daemon: pid {daemon.proc.pid}, {daemon.target}, {args.backend} backend "
               f"in {daemon.data_dir} (log {daemon.log_path})")
     else:
-        targets = [t.strip() for t in args.memstore.split(",") if t.strip()]
-    return MemStoreClient(targets[0]) if len(targets) == 1 else ShardedClient(targets)
+        targets = resolve_targets(args.memstore)
+    if len(targets) == 1:
+        return MemStoreClient(targets[0], token=args.token)
+    return ShardedClient(targets, token=args.token)
 
 
 def run(args, client, daemon, stamp: str) -> tuple[dict, list]:

@@ -5,20 +5,20 @@ Routing (documented, deterministic, shared with the servers): global row r lives
 spreads them evenly; each shard stores its rows densely at local index `r // S`.
 
 Per batch: ids are de-duplicated (a Zipfian batch moves each row once), split by shard, sent as
-one request per shard in parallel, and the answers are put back in request order.
+one request per shard in parallel, and the answers are put back in request order. An error
+names the shard (index and target) it came from.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from concurrent.futures import Future
 from typing import Self
 
 import numpy as np
 
-from memstore.client import Job, MemStoreClient, TableInfo
-from memstore.errors import FailedPrecondition
+from memstore.client import Job, TableInfo
 from memstore.protocol import as_row_grads, as_row_ids, sum_duplicates
+from memstore.shards import Shards, on_shard
 
 
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:
@@ -35,16 +35,15 @@ def split_by_shard(ids: np.ndarray, num_shards: int) -> tuple[np.ndarray, list[s
 
 
 class ShardedClient:
-    """Same API as `MemStoreClient`, over shards given in shard order."""
+    """Same API as `MemStoreClient`, over shards given in shard order: a list of targets or any
+    cluster spec (`engram_client.cluster`); None reads `MEMSTORE_TARGET`. `client_kwargs` go to
+    each shard's `MemStoreClient` (token, default `MEMSTORE_TOKEN`; tls; timeouts)."""
 
-    def __init__(self, targets: Sequence[str] | str, **client_kwargs):
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        if not targets:
-            raise ValueError("ShardedClient needs at least one target")
-        self.targets = list(targets)
-        self.shards = [MemStoreClient(t, **client_kwargs) for t in self.targets]
-        self._pool = ThreadPoolExecutor(max(2, len(self.shards)), thread_name_prefix="memstore-shards")
+    def __init__(self, targets: Sequence[str] | str | None = None, **client_kwargs):
+        self._cluster = Shards(targets, **client_kwargs)
+        self.targets = self._cluster.targets
+        self.shards = self._cluster.clients
+        self._pool = self._cluster.pool
 
     @property
     def num_shards(self) -> int:
@@ -54,45 +53,26 @@ class ShardedClient:
 
     def create_table(self, name: str, num_rows: int, dim: int, **kwargs) -> TableInfo:
         """Checks every server's place in the cluster first: a wrong target list creates nothing."""
-        layouts = list(self._pool.map(lambda c: c.stats(), self.shards))
-        self._check_layout([(s.shard_index, s.shard_count or 1) for s in layouts])
-        infos = list(self._pool.map(lambda c: c.create_table(name, num_rows, dim, **kwargs), self.shards))
-        return self._merge(infos)
+        self._cluster.check_layout()
+        return self._cluster.merge(self._cluster.each(lambda c: c.create_table(name, num_rows, dim, **kwargs)))
 
     def describe_table(self, name: str) -> TableInfo:
-        return self._merge(list(self._pool.map(lambda c: c.describe_table(name), self.shards)))
+        return self._cluster.merge(self._cluster.each(lambda c: c.describe_table(name)))
 
     def list_tables(self) -> list[TableInfo]:
-        per_shard = list(self._pool.map(lambda c: {t.spec.name: t for t in c.list_tables()}, self.shards))
+        per_shard = self._cluster.each(lambda c: {t.spec.name: t for t in c.list_tables()})
         names = sorted(set().union(*per_shard))
-        return [self._merge([tables[n] for tables in per_shard if n in tables]) for n in names]
+        return [self._cluster.merge([tables[n] for tables in per_shard if n in tables]) for n in names]
 
     def drop_table(self, name: str) -> None:
-        list(self._pool.map(lambda c: c.drop_table(name), self.shards))
+        self._cluster.each(lambda c: c.drop_table(name))
 
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
-        return [p for paths in self._pool.map(lambda c: c.snapshot(name, tag=tag), self.shards) for p in paths]
+        return [p for paths in self._cluster.each(lambda c: c.snapshot(name, tag=tag)) for p in paths]
 
     def restore(self, name: str, tag: str, *, job: Job | None = None) -> list[str]:
         """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND if a shard lacks it."""
-        return list(self._pool.map(lambda c: c.restore(name, tag, job=job), self.shards))
-
-    def _check_layout(self, layouts: list[tuple[int, int]]) -> None:
-        """(shard_index, shard_count) of each target, in list order, must be (i, num_shards)."""
-        for index, (shard_index, shard_count) in enumerate(layouts):
-            if (shard_index, shard_count) != (index, self.num_shards):
-                raise FailedPrecondition(
-                    f"{self.targets[index]} is shard {shard_index} of {shard_count}, but this "
-                    f"client lists it as shard {index} of {self.num_shards}: fix the target order or the servers' "
-                    "--shard-index/--shard-count")
-
-    def _merge(self, infos: list[TableInfo]) -> TableInfo:
-        """One view of a table from its shards, after checking each shard is where we think."""
-        self._check_layout([(i.spec.shard_index, i.spec.shard_count) for i in infos])
-        spec = replace(infos[0].spec, shard_index=0, shard_count=1)
-        totals = [sum(getattr(i, f) for i in infos) for f in
-                  ("rows_materialized", "bytes_used", "lookups", "updates", "bytes_reserved", "bytes_resident")]
-        return TableInfo(spec, *totals)
+        return self._cluster.each(lambda c: c.restore(name, tag, job=job))
 
     # ---- data path ----------------------------------------------------------------------------
 
@@ -103,11 +83,11 @@ class ShardedClient:
         """Rows shaped ids.shape + (dim,), as `MemStoreClient.lookup`."""
         ids = as_row_ids(ids)
         if self.num_shards == 1 or ids.size == 0:
-            return self.shards[0].lookup_async(name, ids)
+            return self._named(0, self.shards[0].lookup_async(name, ids))
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         order, parts = split_by_shard(unique, self.num_shards)
-        futures = [(part, shard.lookup_async(name, unique[order[part]]))
-                   for shard, part in zip(self.shards, parts) if part.stop > part.start]
+        futures = [(part, self._named(index, shard.lookup_async(name, unique[order[part]])))
+                   for index, (shard, part) in enumerate(zip(self.shards, parts)) if part.stop > part.start]
         return self._pool.submit(_gather, futures, order, inverse.reshape(ids.shape), len(unique))
 
     def update(self, name: str, ids: np.ndarray, grads: np.ndarray, *, step: int | None = None,
@@ -126,12 +106,26 @@ class ShardedClient:
         ids, grads = sum_duplicates(ids.reshape(-1), as_row_grads(grads, ids))
         kwargs = {"step": step, "job": job, "lr": lr}
         if self.num_shards == 1:
-            return self.shards[0].update_async(name, ids, grads, **kwargs)
+            return self._named(0, self.shards[0].update_async(name, ids, grads, **kwargs))
         order, parts = split_by_shard(ids, self.num_shards)
         every_shard = job is not None
-        futures = [shard.update_async(name, ids[order[part]], grads[order[part]], **kwargs)
-                   for shard, part in zip(self.shards, parts) if every_shard or part.stop > part.start]
+        futures = [self._named(index, shard.update_async(name, ids[order[part]], grads[order[part]], **kwargs))
+                   for index, (shard, part) in enumerate(zip(self.shards, parts))
+                   if every_shard or part.stop > part.start]
         return self._pool.submit(_all_applied, futures)
+
+    def _named(self, index: int, future: Future) -> Future:
+        """`future`, whose error (if any) names shard `index`."""
+        named: Future = Future()
+
+        def settle(done: Future) -> None:
+            error = done.exception()
+            if error is None:
+                named.set_result(done.result())
+            else:
+                named.set_exception(on_shard(error, index, self.targets[index]))
+        future.add_done_callback(settle)
+        return named
 
     def shared_tables(self) -> list[str]:
         """Tables every shard of which this client reads through shared memory."""
@@ -141,9 +135,7 @@ class ShardedClient:
         return [c.stats() for c in self.shards]
 
     def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
-        self._pool.shutdown(wait=True)
+        self._cluster.close()
 
     def __enter__(self) -> Self:
         return self

@@ -6,7 +6,10 @@
              | drop-table TABLE | health
     memstore reshard --from DIR... --to OUT_DIR --shards M      (offline, see memstore/reshard.py)
 
-Client commands find the server with --target (or MEMSTORE_TARGET), default 127.0.0.1:50051.
+Client commands find the servers with --target (or MEMSTORE_TARGET), default 127.0.0.1:50051: one
+server or a whole cluster, in any cluster-spec form (a,b,c; pattern-{i}:port*N; @cluster.toml, see
+memstore/cluster.py). They act on every shard: create/drop/snapshot/restore everywhere, ls/describe/
+stats per shard. The token comes from --token or MEMSTORE_TOKEN.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 import sys
 from dataclasses import fields
 
+from memstore.cluster import DEFAULT_TARGET, ENV_TARGET, ENV_TOKEN, resolve_targets
 from memstore.config import (
     CHOICES,
     DEFAULT_SHOWN,
@@ -25,8 +29,6 @@ from memstore.config import (
     ServerConfig,
     build_config,
 )
-
-DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +68,9 @@ def _tls(args):
 
 
 def _client(args):
-    from memstore.client import MemStoreClient
-    return MemStoreClient(args.target, token=args.token or None, tls=_tls(args), timeout_s=args.timeout,
-                          retry_timeout_s=0)
+    """Every shard --target names (one server is a cluster of one)."""
+    from memstore.shards import Shards
+    return Shards(args.target, token=args.token, tls=_tls(args), timeout_s=args.timeout, retry_timeout_s=0)
 
 
 def cmd_serve(args) -> int:
@@ -100,88 +102,129 @@ def optimizer_arg(text: str) -> tuple[str, float]:
 
 
 def cmd_create_table(args) -> int:
-    with _client(args) as client:
-        info = client.create_table(args.name, args.rows, args.dim, dtype=args.dtype, init=args.init,
-                                   init_scale=args.init_scale, seed=args.seed, optimizer=args.optimizer,
-                                   lr=args.lr, if_not_exists=args.if_not_exists, **dict(args.optimizer_arg))
-    print(_table_line(info))
+    with _client(args) as shards:
+        shards.check_layout()  # a misordered --target list creates nothing
+        info = shards.merge(shards.each(lambda client: client.create_table(
+            args.name, args.rows, args.dim, dtype=args.dtype, init=args.init, init_scale=args.init_scale,
+            seed=args.seed, optimizer=args.optimizer, lr=args.lr, if_not_exists=args.if_not_exists,
+            **dict(args.optimizer_arg))))
+    print(_table_line(info) + _on_shards(shards))
     return 0
 
 
 def cmd_ls(args) -> int:
-    with _client(args) as client:
-        tables = client.list_tables()
+    """One line per table: usage summed over the shards, and on how many shards it exists."""
+    with _client(args) as shards:
+        per_shard = shards.each(lambda client: {t.spec.name: t for t in client.list_tables()})
+    tables = {name: [tables.get(name) for tables in per_shard] for name in sorted(set().union(*per_shard))}
     if args.json:
-        print(json.dumps([_table_dict(t) for t in tables], indent=2))
+        print(json.dumps([_table_dict(infos, shards.targets) for infos in tables.values()], indent=2))
         return 0
     # USED: materialised rows + state; RESIDENT: in memory now; RESERVED: claimed (memstore.memory)
     print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} {'USED':>10} "
-          f"{'RESIDENT':>10} {'RESERVED':>10}")
-    for t in tables:
+          f"{'RESIDENT':>10} {'RESERVED':>10} {'SHARDS':>6}")
+    for infos in tables.values():
+        t = _merged(infos)
         s = t.spec
         print(f"{s.name:24} {s.num_rows:>14} {s.dim:>5} {s.dtype:9} {s.optimizer.kind + f'({s.optimizer.lr:g})':16} "
               f"{t.rows_materialized:>13} {_human(t.bytes_used):>10} {_human(t.bytes_resident):>10} "
-              f"{_human(t.bytes_reserved):>10}")
+              f"{_human(t.bytes_reserved):>10} {_present(infos):>6}")
+    missing = {name: [i for i, info in enumerate(infos) if info is None] for name, infos in tables.items()}
+    for name, absent in missing.items():
+        if absent:
+            print(f"warning: table {name} is missing on shard(s) "
+                  f"{', '.join(f'{i} ({shards.targets[i]})' for i in absent)}", file=sys.stderr)
     return 0
 
 
 def cmd_describe(args) -> int:
-    with _client(args) as client:
-        print(json.dumps(_table_dict(client.describe_table(args.name)), indent=2))
+    """The table's spec and summed usage, then each shard's (NOT_FOUND names a shard that lacks it)."""
+    with _client(args) as shards:
+        infos = shards.each(lambda client: client.describe_table(args.name))
+    print(json.dumps(_table_dict(infos, shards.targets), indent=2))
     return 0
 
 
 def cmd_stats(args) -> int:
-    with _client(args) as client:
-        print(json.dumps(_stats_dict(client.stats()), indent=2))
+    """One server: its statistics. Several: {"shards": [each shard's, with "shard" and "target"]}."""
+    with _client(args) as shards:
+        per_shard = [_stats_dict(reply) for reply in shards.each(lambda client: client.stats())]
+    if len(per_shard) == 1:
+        print(json.dumps(per_shard[0], indent=2))
+        return 0
+    shard_keys = ({"shard": index, "target": target} for index, target in enumerate(shards.targets))
+    print(json.dumps({"shards": [{**keys, **stats} for keys, stats in zip(shard_keys, per_shard)]}, indent=2))
     return 0
 
 
 def cmd_snapshot(args) -> int:
     if args.tag and not args.name:
         raise ConfigError("snapshot --tag needs a TABLE")
-    with _client(args) as client:
-        for path in client.snapshot(args.name or "", tag=args.tag or ""):
-            print(path)
+    with _client(args) as shards:
+        for paths in shards.each(lambda client: client.snapshot(args.name or "", tag=args.tag or "")):
+            for path in paths:
+                print(path)
     return 0
 
 
 def cmd_restore(args) -> int:
-    with _client(args) as client:
-        print(client.restore(args.name, args.tag))
+    with _client(args) as shards:
+        for path in shards.each(lambda client: client.restore(args.name, args.tag)):
+            print(path)
     return 0
 
 
 def cmd_drop_table(args) -> int:
-    with _client(args) as client:
-        client.drop_table(args.name)
-    print(f"dropped {args.name}")
+    if not (args.yes or _confirmed(f"drop table {args.name} and all its snapshots and checkpoints on "
+                                   f"{args.target}?")):
+        print(f"memstore drop-table: not dropped: pass --yes to drop {args.name} "
+              "(its rows, snapshots and checkpoints on every shard)", file=sys.stderr)
+        return 1
+    with _client(args) as shards:
+        shards.each(lambda client: client.drop_table(args.name))
+    print(f"dropped {args.name}" + _on_shards(shards))
     return 0
 
 
+def _confirmed(question: str) -> bool:
+    """Asks on a terminal; anything but y/yes, or no terminal at all (a script), is a no."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def cmd_health(args) -> int:
+    """Exit 0 when every shard --target names is SERVING (one line per shard)."""
+    serving = [_healthy(target, args) for target in resolve_targets(args.target)]  # ask each one, report each
+    return 0 if all(serving) else 1
+
+
+def _healthy(target: str, args) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     tls = _tls(args)
     if tls is None:
-        channel = grpc.insecure_channel(args.target)
+        channel = grpc.insecure_channel(target)
     else:
         options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
-        channel = grpc.secure_channel(args.target, tls.credentials(), options=options)
+        channel = grpc.secure_channel(target, tls.credentials(), options=options)
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{args.target}: {exc.code().name} {exc.details()}", file=sys.stderr)
-            return 1
+            print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            return False
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(f"{args.target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    print(f"{target}: {status}")
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _table_dict(info) -> dict:
-    return {**info.spec.to_dict(), "rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
+def _usage(info) -> dict:
+    return {"rows_materialized": info.rows_materialized, "bytes_used": info.bytes_used,
             "bytes_resident": info.bytes_resident, "bytes_reserved": info.bytes_reserved,
             "lookups": info.lookups, "updates": info.updates}
 
@@ -194,7 +237,31 @@ def _stats_dict(stats) -> dict:
             "process_resident_bytes": stats.process_resident_bytes, "process_virtual_bytes": stats.process_virtual_bytes,
             "ram_max_bytes": stats.ram_max_bytes,
             "counters": {k: int(v) if float(v).is_integer() else v for k, v in sorted(stats.counters.items())},
-            "tables": [_table_dict(table_info(t)) for t in stats.tables]}
+            "tables": [{**(info := table_info(t)).spec.to_dict(), **_usage(info)} for t in stats.tables]}
+
+
+def _merged(infos: list):
+    """One view of a table from the shards that have it (None: a shard that lacks it)."""
+    from memstore.shards import merge_infos
+    return merge_infos([info for info in infos if info is not None])
+
+
+def _table_dict(infos: list, targets: list[str]) -> dict:
+    """Spec and summed usage, and with several shards each one's usage (null where it lacks the table)."""
+    merged = _merged(infos)
+    out = {**merged.spec.to_dict(), **_usage(merged)}
+    if len(targets) > 1:
+        out["shards"] = [{"shard": index, "target": target, **(_usage(info) if info else {"missing": True})}
+                         for index, (target, info) in enumerate(zip(targets, infos))]
+    return out
+
+
+def _present(infos: list) -> str:
+    return f"{sum(info is not None for info in infos)}/{len(infos)}"
+
+
+def _on_shards(shards) -> str:
+    return f" (on {len(shards)} shards)" if len(shards) > 1 else ""
 
 
 def _table_line(info) -> str:
@@ -222,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client_command(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=_DefaultsShown)
-        p.add_argument("--target", default=os.environ.get("MEMSTORE_TARGET", DEFAULT_TARGET),
-                       help="server host:port (env MEMSTORE_TARGET)")
-        p.add_argument("--token", default=os.environ.get("MEMSTORE_TOKEN", ""),
-                       help="bearer token (default: env MEMSTORE_TOKEN, or none)")  # never print its value
+        p.add_argument("--target", default=os.environ.get(ENV_TARGET, DEFAULT_TARGET),
+                       help="a server or every shard: host:port[,host:port...], pattern-{i}.svc:port*N or "
+                            "@cluster.toml (default: $MEMSTORE_TARGET, else %(default)s)")
+        p.add_argument("--token", default=os.environ.get(ENV_TOKEN, ""),
+                       help="bearer token (default: $MEMSTORE_TOKEN, or none)")  # never print its value
         p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
         p.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (enables TLS)")
         p.add_argument("--tls-client-cert", help="PEM client certificate, for mutual TLS")
@@ -262,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("name")
     drop = client_command("drop-table", cmd_drop_table, "drop a table and its snapshots")
     drop.add_argument("name")
+    drop.add_argument("--yes", "-y", action="store_true", help="drop without asking (needed without a terminal)")
     health = client_command("health", cmd_health, "exit 0 when the server is SERVING")
     health.add_argument("--service", default="", help="grpc.health.v1 service ('' = the server, or memstore.v1.MemStore)")
 

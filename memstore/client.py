@@ -6,8 +6,10 @@
   (client_id, seq): a retried update is acknowledged by the server, never applied twice. Updates
   of one client leave in the order they were made (one sender thread), so seqs only increase.
 - UNAVAILABLE (server restarting) and gRPC's own RESOURCE_EXHAUSTED (concurrency back-pressure)
-  are retried with exponential backoff until `retry_timeout_s`; every other error raises a
-  `memstore.errors.MemStoreError` subclass carrying the status code.
+  are retried with exponential backoff until `retry_timeout_s`, with warnings (`memstore.connection`);
+  a TLS mismatch fails at once; every other error raises a `memstore.errors.MemStoreError`
+  subclass carrying the status code.
+- The target and token default to `MEMSTORE_TARGET` and `MEMSTORE_TOKEN`, as in the CLI.
 - bfloat16 tables come back as uint16 bit patterns (numpy has no bf16):
   `torch.from_numpy(rows).view(torch.bfloat16)`.
 """
@@ -28,11 +30,13 @@ import grpc
 import numpy as np
 
 from memstore import shm
+from memstore.cluster import resolve_targets, spec_or_env, token_or_env
+from memstore.connection import Retrying
+from memstore.connection import as_error as _as_error
 from memstore.dtypes import storage_dtype
-from memstore.errors import FailedPrecondition, MemStoreError, from_status
+from memstore.errors import FailedPrecondition, MemStoreError
 from memstore.protocol import (
     CHUNK_BYTES,
-    ERROR_TRAILER,
     PB_TO_DTYPE,
     as_row_grads,
     as_row_ids,
@@ -48,7 +52,6 @@ from memstore.v1 import memstore_pb2_grpc as pb_grpc
 from memstore.wire import decode_lookup_chunk, encode_update_chunk
 
 T = TypeVar("T")
-_MESSAGE_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")  # gRPC's, final
 # Below this many ids per call, splitting a lookup costs more than it overlaps: measured with
 # client and server on the same 2 cores, one 64k call (11 ms) beat two 32k calls (12.6 ms).
 MIN_IDS_PER_CALL = 1 << 16
@@ -56,7 +59,6 @@ MIN_IDS_PER_CALL = 1 << 16
 # thread, since a hand-off to a pool thread costs more and the two threads then contend for the
 # GIL (decoding with entry prefetch measured 1.7x slower with the hand-off, bench decode --quick).
 INLINE_GATHER_ROWS = 1 << 14
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,12 @@ class MemStoreClient:
     """A connection to one memstore server.
 
     Args:
-        target: "host:port" (or any gRPC target).
-        token: bearer token, when the server runs with --token.
+        target: "host:port" (or any gRPC target); None: `MEMSTORE_TARGET`, else 127.0.0.1:50051.
+        token: bearer token, when the server runs with --token; None: `MEMSTORE_TOKEN` if set
+            ("" sends none whatever the environment says).
         tls: a TlsConfig (CA, client cert/key for mutual TLS), True for the system roots, or None.
         timeout_s: deadline of each call; retry_timeout_s: how long UNAVAILABLE and back-pressure
-            are retried before the error surfaces (0: never retry).
+            are retried before the error surfaces (0: never retry); retries are logged as warnings.
         client_id: identifies this client's updates for exactly-once delivery; leave it to the
             default (a fresh random id) unless you know you need to pin it.
         max_ids_per_call, parallel_calls: lookups larger than max_ids_per_call are split, and large
@@ -109,7 +112,7 @@ class MemStoreClient:
             path or a clear error; "off": always gRPC. Rows are identical either way.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls: TlsConfig | bool | None = None,
+    def __init__(self, target: str | None = None, *, token: str | None = None, tls: TlsConfig | bool | None = None,
                  timeout_s: float = 60.0, retry_timeout_s: float = 60.0, client_id: str | None = None,
                  max_ids_per_call: int = 1 << 17, parallel_calls: int = 2, shared_memory: str = "auto"):
         if shared_memory not in ("auto", "on", "off"):
@@ -120,9 +123,11 @@ class MemStoreClient:
         self._views_swept = 0.0
         self._staging_name = f"{uuid.uuid4().hex}.buf"  # this client's file for staged Update payloads
         self._staged: set[Path] = set()
-        self.target = target
+        self.target = target = _single_target(target)
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
+        self._retrying = Retrying(target, tls=bool(tls))
+        token = token_or_env(token)
         self.client_id = client_id or uuid.uuid4().hex
         self.max_ids_per_call = max_ids_per_call
         self.parallel_calls = parallel_calls
@@ -477,16 +482,7 @@ class MemStoreClient:
         return self._retry(once)
 
     def _retry(self, attempt: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.retry_timeout_s
-        delay = 0.05
-        while True:
-            try:
-                return attempt()
-            except MemStoreError as exc:
-                if not getattr(exc, "retryable", False) or time.monotonic() + delay > deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        return self._retrying(attempt, self.retry_timeout_s)  # read now: callers may change it
 
     def close(self) -> None:
         self._update_sender.shutdown(wait=True)
@@ -509,18 +505,6 @@ class _RowFormatChanged(Exception):
     """A table's rows no longer have the (dim, dtype) this client learnt for it."""
 
 
-def _as_error(exc: grpc.RpcError) -> MemStoreError:
-    """The project error for a failed call; `.retryable` marks transient failures."""
-    code, details = exc.code(), exc.details() or ""
-    trailers = dict(exc.trailing_metadata() or ())
-    error = from_status(code, details)
-    # UNAVAILABLE: server down or restarting. RESOURCE_EXHAUSTED without our trailer: gRPC's own
-    # concurrency limit (back-pressure). Ours (e.g. request too large, map full) is final.
-    error.retryable = (code in RETRYABLE and ERROR_TRAILER not in trailers
-                       and not details.startswith(_MESSAGE_TOO_LARGE))
-    return error
-
-
 def completed(fn: Callable[..., T], *args) -> Future:
     """Run `fn(*args)` now; a done Future holds its result or its exception, as a pool's would."""
     done: Future = Future()
@@ -529,3 +513,14 @@ def completed(fn: Callable[..., T], *args) -> Future:
     except Exception as exc:  # noqa: BLE001 - handed to whoever calls .result(), like a pool does
         done.set_exception(exc)
     return done
+
+
+def _single_target(target: str | None) -> str:
+    """The one target this client talks to: `target`, or `MEMSTORE_TARGET` when it names one shard."""
+    if target is not None:
+        return target
+    targets = resolve_targets(spec_or_env(None))
+    if len(targets) > 1:
+        raise ValueError(f"MEMSTORE_TARGET names {len(targets)} shards; MemStoreClient talks to one: "
+                         "use engram_client.ShardedClient() or connect() for a cluster")
+    return targets[0]

@@ -9,6 +9,7 @@ Unknown keys in a file or unknown `MEMSTORE_*` variables are errors, never silen
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -31,14 +32,14 @@ class ConfigError(ValueError):
 @dataclass
 class ServerConfig:
     # Network
-    host: str = "127.0.0.1"            # bind address; 0.0.0.0 only on a trusted network with --token
+    host: str = "127.0.0.1"            # bind address; any other than loopback needs token (or allow_unauthenticated)
     port: int = 50051                  # 0 picks a free port (logged at start)
     metrics_port: int = -1             # Prometheus /metrics on this port; -1 disables, 0 picks one
     # Storage
     backend: str = "ram"               # ram | lmdb
     data_dir: str = "./memstore-data"
     keep_snapshots: int = 2            # newest snapshots kept per table
-    snapshot_interval_s: float = 0.0   # RAM backend: periodic checkpoint; 0 disables
+    snapshot_interval_s: float = 300.0  # RAM backend: periodic checkpoint (a crash loses at most this); 0 disables
     keep_checkpoints: int = 3          # newest tagged (training-job) checkpoints kept per table
     ram_memmap: bool = False           # RAM backend: back arrays by files in data_dir
     shm_dir: str = "auto"              # RAM backend: arrays in shared memory here, mapped by same-host clients; "" = off
@@ -54,6 +55,7 @@ class ServerConfig:
     tls_cert: str = ""                 # PEM server certificate (enables TLS)
     tls_key: str = ""                  # PEM private key
     tls_client_ca: str = ""            # PEM CA: clients must present a cert it signed (mutual TLS)
+    allow_unauthenticated: bool = False  # serve a non-loopback host without token or client certs
     read_only: bool = False            # refuse CreateTable/DropTable/Update with PERMISSION_DENIED
     # Limits
     max_rows_per_request: int = 1 << 22       # 4M rows per Lookup/Update
@@ -88,12 +90,26 @@ class ServerConfig:
         _check(self.ram_max_bytes >= -1, "ram_max_bytes must be > 0, 0 (auto) or -1 (no cap)")
         _check(self.max_step_timeout_s > 0, "max_step_timeout_s must be > 0")
         _check(self.drain_s >= 0 and self.grace_s >= 0, "drain_s and grace_s must be >= 0")
+        _check(self.snapshot_interval_s >= 0, "snapshot_interval_s must be >= 0 (0 disables)")
+        self._check_protected()
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")
         _check(self.log_format in ("text", "json"), f"log_format must be text or json, got {self.log_format!r}")
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
                f"log_level must be debug/info/warning/error, got {self.log_level!r}")
         return self
+
+    def _check_protected(self) -> None:
+        """Protected mode (as Redis): whoever can reach a non-loopback address must prove who they
+        are (token or a client certificate), unless the operator says the network does that."""
+        if self.token or self.tls_client_ca or self.allow_unauthenticated or is_loopback(self.host):
+            return
+        raise ConfigError(
+            f"refusing to serve {self.host} without authentication: anyone who reaches it could read, "
+            "overwrite or drop every table. Set a token (MEMSTORE_TOKEN / --token), require client "
+            "certificates (tls_client_ca), bind 127.0.0.1, or, on a network only trusted clients reach "
+            "(a firewall, a NetworkPolicy, ports published on loopback), set allow_unauthenticated = true "
+            "(--allow-unauthenticated, MEMSTORE_ALLOW_UNAUTHENTICATED=true)")
 
     def resolved_shard_index(self) -> int:
         """`auto` reads the pod ordinal of a Kubernetes StatefulSet from the hostname (memstore-2 → 2)."""
@@ -115,7 +131,7 @@ class ServerConfig:
 
 # What `memstore serve --help` says of each option (the comments above say why it is there).
 HELP = {
-    "host": "bind address; 0.0.0.0 only on a trusted network, with a token",
+    "host": "bind address; anything but loopback needs a token (or --allow-unauthenticated)",
     "port": "gRPC port; 0 picks a free one (printed at start)",
     "metrics_port": "Prometheus /metrics port; 0 picks a free one, off (-1) disables",
     "backend": "ram: dense numpy arrays, snapshotted; lmdb: memory-mapped LMDB, every update durable",
@@ -135,6 +151,8 @@ HELP = {
     "tls_cert": "PEM server certificate (enables TLS)",
     "tls_key": "PEM private key of tls_cert",
     "tls_client_ca": "PEM CA: clients must present a certificate it signed (mutual TLS)",
+    "allow_unauthenticated": "serve a non-loopback address without token or client certificates "
+                             "(only where the network itself protects the port)",
     "read_only": "refuse CreateTable, DropTable, Update, Restore (PERMISSION_DENIED)",
     "max_rows_per_request": "rows one Lookup or Update may carry (RESOURCE_EXHAUSTED beyond)",
     "max_request_bytes": "rows (Lookup) or gradients (Update) bytes one request may hold",
@@ -148,13 +166,21 @@ HELP = {
     "log_format": "text, or json (one object per line)",
 }
 # Values `--help` shows by their meaning, and options whose value is one of a few words.
-DEFAULT_SHOWN = {"metrics_port": "off", "snapshot_interval_s": "off", "drain_s": "off", "ram_max_bytes": "auto",
+DEFAULT_SHOWN = {"metrics_port": "off", "drain_s": "off", "ram_max_bytes": "auto",
                  "lmdb_max_map_size": "no cap", "token": "none", "tls_cert": "none", "tls_key": "none",
                  "tls_client_ca": "none"}
 CHOICES = {"backend": ("ram", "lmdb"), "shard_index": ("N", "auto"), "log_format": ("text", "json"),
            "log_level": ("debug", "info", "warning", "error")}
 OFF = {"metrics_port": -1, "snapshot_interval_s": 0.0, "drain_s": 0.0}  # options that also take the word "off"
 TESTING_ONLY = {"fault_lookup_delay_ms"}  # settable, but not offered in --help
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        return False
 
 
 def _check(ok: bool, message: str) -> None:

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from memstore import shm
 from memstore.backends import open_backend
-from memstore.config import ConfigError, ServerConfig
+from memstore.config import ConfigError, ServerConfig, is_loopback
 from memstore.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
@@ -302,6 +302,9 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
         "address": f"{config.host}:{port}", "backend": config.backend, "tls": bool(config.tls_cert),
         "auth": bool(config.token), "read_only": config.read_only, "metrics_port": metrics_port,
         "shard": f"{store.layout.index}/{store.layout.count}"}})
+    if not (config.token or config.tls_client_ca or is_loopback(config.host)):
+        log.warning("serving %s without authentication (allow_unauthenticated): anyone who reaches this port "
+                    "can read, overwrite and drop every table", config.host)
     return running, port
 
 

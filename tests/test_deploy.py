@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from memstore.config import FIELDS, load_env, load_file
+from memstore.config import FIELDS, ConfigError, build_config, load_env, load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -103,6 +103,17 @@ def option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def serve_flags(argv: list[str]) -> dict[str, str]:
+    """The ServerConfig options a `memstore serve ...` argument list sets (not --config)."""
+    return {name: option_value(argv, name) for name in serve_option_names(argv)
+            if name not in SERVE_FLAGS_NOT_IN_CONFIG}
+
+
+def env_file(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())   # safe_load resolves the `<<: *memstore` merges
 
@@ -157,9 +168,7 @@ def test_config_files_are_accepted_by_server_config():
     # load_file/load_env raise ConfigError on unknown keys or bad values: the same check the
     # server does at start, so a typo fails here instead of in a crash-looping pod.
     config = load_file(K8S / "memstore.toml")
-    env_lines = [line for line in (K8S / "memstore.env").read_text().splitlines()
-                 if line.strip() and not line.startswith("#")]
-    load_env(dict(line.split("=", 1) for line in env_lines))
+    load_env(env_file(K8S / "memstore.env"))
     grace = k8s_object("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     drain_s, grace_s = (config.get(name, FIELDS[name].default) for name in ("drain_s", "grace_s"))
     assert grace >= drain_s + 2 * grace_s, "the pod must outlive the drain, the RPC grace period and a RAM snapshot"
@@ -273,6 +282,20 @@ def test_serve_flags_exist_in_server_config(source: str):
     assert not unknown, f"{source}: `memstore serve` has no options {sorted(unknown)}"
 
 
+def test_deployments_start_without_a_token_only_where_the_network_protects_them():
+    """Protected mode: a shard on 0.0.0.0 without a token starts only with allow_unauthenticated,
+    which compose (ports on loopback) and k8s (NetworkPolicy) set; the bare image refuses."""
+    shard = next(iter(compose_shards().values()))
+    environment = {k: v for k, v in shard["environment"].items() if k != "MEMSTORE_TOKEN"}  # unset in the shell
+    assert build_config(None, serve_flags(shard["command"]), environment).allow_unauthenticated
+    k8s_flags = {**serve_flags(memstore_container()["args"]), "shard_index": "0"}  # auto needs a pod name
+    assert build_config(K8S / "memstore.toml", k8s_flags, env_file(K8S / "memstore.env")).allow_unauthenticated
+    (cmd,) = [json.loads(args) for ins, args in stage_instructions("server") if ins == "CMD"]
+    with pytest.raises(ConfigError, match="without authentication"):
+        build_config(None, serve_flags(cmd), {})
+    build_config(None, serve_flags(cmd), {"MEMSTORE_TOKEN": "a-token"})
+
+
 def test_environment_variables_exist_in_server_config():
     load_env(next(iter(compose_shards().values()))["environment"])   # raises on unknown MEMSTORE_*
     env_names = {e["name"] for e in memstore_container()["env"]}
@@ -329,6 +352,8 @@ def test_compose_trainer_waits_for_and_targets_every_shard_in_order():
     assert targets == [f"{name}:{GRPC_PORT}" for name in by_index]
     health_target = shards[by_index[0]]["healthcheck"]["test"][-1]
     assert health_target.endswith(f":{GRPC_PORT}")
+    # The trainer reads the shards' token from the same variable (clients read MEMSTORE_TOKEN).
+    assert {svc["environment"]["MEMSTORE_TOKEN"] for svc in shards.values()} == {trainer["environment"]["MEMSTORE_TOKEN"]}
 
 
 def test_prometheus_scrapes_every_shard_metrics_port():

@@ -1,0 +1,244 @@
+"""What an operator meets first: the admin CLI over a whole cluster, the token and target from the
+environment, retries that say what they do, and safe defaults (protected mode, periodic RAM
+snapshots, drop-table confirmation). Real servers on port 0, real gRPC; the CLI runs in-process
+through `memstore.cli.main` (the same code as the `memstore` command) unless a terminal is needed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pty
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from engram_client.cluster import connect
+from engram_client.sharded import ShardedClient
+from memstore import cli
+from memstore.client import MemStoreClient, TlsConfig
+from memstore.config import ConfigError, ServerConfig, build_config
+from memstore.errors import NotFound, Unauthenticated, Unavailable
+from tests.servers import in_process
+from tests.test_security import pki  # noqa: F401 -- the module-scoped PKI fixture
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture
+def two_shards(tmp_path):
+    with in_process(tmp_path / "s0", shard_index="0", shard_count=2) as s0, \
+            in_process(tmp_path / "s1", shard_index="1", shard_count=2) as s1:
+        yield [s0.target, s1.target]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`memstore ARGS` in this process: (exit code, stdout, stderr)."""
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---- item 3: the admin CLI acts on every shard ----------------------------------------------
+
+def test_cli_admin_commands_act_on_every_shard(two_shards, tmp_path, capsys):
+    spec = ",".join(two_shards)
+    code, out, _ = run_cli(capsys, "create-table", "emb", "--rows", "1000", "--dim", "4", "--target", spec)
+    assert code == 0 and "on 2 shards" in out
+    for target in two_shards:   # each shard has its part of the table
+        with MemStoreClient(target) as client:
+            assert [t.spec.name for t in client.list_tables()] == ["emb"]
+
+    cluster_file = tmp_path / "cluster.toml"   # every cluster-spec form works, here a file
+    cluster_file.write_text(f"shards = {json.dumps(two_shards)}\n")
+    code, out, _ = run_cli(capsys, "ls", "--target", f"@{cluster_file}")
+    assert code == 0 and "emb" in out and "2/2" in out
+    described = json.loads(run_cli(capsys, "describe", "emb", "--target", spec)[1])
+    assert described["num_rows"] == 1000 and [s["target"] for s in described["shards"]] == two_shards
+    stats = json.loads(run_cli(capsys, "stats", "--target", spec)[1])
+    assert [(s["shard"], s["target"]) for s in stats["shards"]] == list(enumerate(two_shards))
+    code, out, _ = run_cli(capsys, "snapshot", "emb", "--target", spec)
+    assert code == 0 and len(out.split()) == 2   # one snapshot per shard
+    assert run_cli(capsys, "health", "--target", spec)[1].count("SERVING") == 2
+
+    code, _, err = run_cli(capsys, "drop-table", "emb", "--target", spec)  # no terminal, no --yes
+    assert code == 1 and "pass --yes" in err
+    assert "emb" in run_cli(capsys, "ls", "--target", spec)[1]
+    code, out, _ = run_cli(capsys, "drop-table", "emb", "--yes", "--target", spec)
+    assert code == 0 and "dropped emb (on 2 shards)" in out
+    for target in two_shards:
+        with MemStoreClient(target) as client:
+            assert client.list_tables() == []
+
+
+def test_a_table_missing_on_one_shard_is_named(two_shards, capsys):
+    spec = ",".join(two_shards)
+    with MemStoreClient(two_shards[0]) as shard0:   # what the old single-shard CLI left behind
+        shard0.create_table("half", 100, 2)
+    code, out, err = run_cli(capsys, "ls", "--target", spec)
+    assert code == 0 and "1/2" in out and f"missing on shard(s) 1 ({two_shards[1]})" in err
+    code, _, err = run_cli(capsys, "describe", "half", "--target", spec)
+    assert code == 1 and "NOT_FOUND" in err and f"shard 1 ({two_shards[1]})" in err
+    with ShardedClient(two_shards) as client, pytest.raises(NotFound, match=rf"shard 1 \({two_shards[1]}\)") as raised:
+        client.lookup("half", np.arange(10))
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_cli_refuses_a_misordered_cluster_and_a_bad_spec(two_shards, capsys):
+    code, _, err = run_cli(capsys, "create-table", "t", "--rows", "10", "--dim", "2",
+                           "--target", ",".join(reversed(two_shards)))
+    assert code == 1 and "fix the target order" in err
+    for target in two_shards:   # nothing was created anywhere
+        with MemStoreClient(target) as client:
+            assert client.list_tables() == []
+    code, _, err = run_cli(capsys, "ls", "--target", "a:1,a:1")
+    assert code == 2 and "listed as shard 0 and shard 1" in err
+
+
+# ---- item 4: token and target from the environment ------------------------------------------
+
+def test_clients_take_token_and_target_from_the_environment(tmp_path, monkeypatch):
+    with in_process(tmp_path / "a", token=TOKEN, shard_index="0", shard_count=2) as s0, \
+            in_process(tmp_path / "b", token=TOKEN, shard_index="1", shard_count=2) as s1:
+        monkeypatch.setenv("MEMSTORE_TOKEN", TOKEN)
+        monkeypatch.setenv("MEMSTORE_TARGET", f"{s0.target},{s1.target}")
+        with ShardedClient() as client:   # both from the environment
+            client.create_table("t", 100, 2)
+            assert client.targets == [s0.target, s1.target]
+        with connect() as client:
+            assert [t.spec.name for t in client.list_tables()] == ["t"]
+        with pytest.raises(ValueError, match="names 2 shards"):
+            MemStoreClient()
+        monkeypatch.setenv("MEMSTORE_TARGET", s0.target)
+        with MemStoreClient() as client:
+            assert client.target == s0.target and client.list_tables()
+        # An explicit argument always wins: "" sends no token, whatever the environment says.
+        with MemStoreClient(s0.target, token="", retry_timeout_s=0) as client, pytest.raises(Unauthenticated):
+            client.list_tables()
+        monkeypatch.delenv("MEMSTORE_TOKEN")
+        with MemStoreClient(retry_timeout_s=0) as client, pytest.raises(Unauthenticated):
+            client.list_tables()
+        with MemStoreClient(token=TOKEN) as client:
+            assert client.list_tables()
+
+
+def test_demo_passes_its_token_to_the_shards(tmp_path):
+    from demo.__main__ import _connect, parse_args
+    with in_process(tmp_path / "d", token=TOKEN) as srv:
+        client = _connect(parse_args(["--memstore", srv.target, "--token", TOKEN]), None)
+        with client:
+            assert client.list_tables() == []
+
+
+# ---- item 5: retries that say what they do --------------------------------------------------
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_retries_are_logged_and_the_final_error_says_what_was_tried(caplog):
+    target = f"127.0.0.1:{free_port()}"   # nobody listens there
+    caplog.set_level(logging.WARNING, "memstore.client")
+    started = time.monotonic()
+    with MemStoreClient(target, retry_timeout_s=1.0) as client, pytest.raises(Unavailable) as raised:
+        client.list_tables()
+    assert time.monotonic() - started < 10
+    message = str(raised.value)
+    assert target in message and "attempts in" in message and "retry_timeout_s=1" in message
+    assert any("retrying" in r.getMessage() and target in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_that_comes_up_late_is_waited_for(tmp_path, caplog):
+    port = free_port()
+    caplog.set_level(logging.WARNING, "memstore.client")
+    config = ServerConfig(port=port, data_dir=str(tmp_path / "late"), grace_s=1.0)
+    server_box = {}
+
+    def start_late() -> None:
+        time.sleep(1.0)
+        from memstore.server import ServerThread
+        server_box["server"] = ServerThread(config).start()
+    starter = threading.Thread(target=start_late)
+    starter.start()
+    try:
+        with MemStoreClient(f"127.0.0.1:{port}", retry_timeout_s=30) as client:
+            assert client.list_tables() == []
+    finally:
+        starter.join()
+        server_box["server"].stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("retrying" in m for m in messages) and any("answered after" in m for m in messages)
+
+
+def test_a_tls_mismatch_fails_at_once(tmp_path, pki):  # noqa: F811 -- the fixture
+    with in_process(tmp_path / "data", tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)) as srv:
+        started = time.monotonic()
+        with MemStoreClient(srv.target, retry_timeout_s=60) as client, pytest.raises(Unavailable, match="speaks TLS"):
+            client.list_tables()   # plaintext client, TLS server
+        with MemStoreClient(srv.target, tls=TlsConfig(ca_cert=str(pki.rogue_ca)), retry_timeout_s=60) as client, \
+                pytest.raises(Unavailable, match="TLS handshake failed"):
+            client.list_tables()   # a CA that did not sign the server's certificate
+        assert time.monotonic() - started < 15, "no 60 s of retrying"
+    with in_process(tmp_path / "plain") as srv, \
+            MemStoreClient(srv.target, tls=TlsConfig(ca_cert=str(pki.ca)), retry_timeout_s=60) as client, \
+            pytest.raises(Unavailable, match="TLS handshake failed"):
+        client.list_tables()   # TLS client, plaintext server
+
+
+# ---- item 10: safe defaults -----------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "memstore.example", ""])
+def test_protected_mode_refuses_an_open_address_without_authentication(host):
+    with pytest.raises(ConfigError, match=f"refusing to serve {host} without authentication"):
+        ServerConfig(host=host).validate()
+    ServerConfig(host=host, token=TOKEN).validate()
+    ServerConfig(host=host, allow_unauthenticated=True).validate()
+    ServerConfig(host=host, tls_cert="c.pem", tls_key="k.pem", tls_client_ca="ca.pem").validate()
+    build_config(None, {"host": host}, {"MEMSTORE_ALLOW_UNAUTHENTICATED": "true"})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_needs_no_token(host):
+    ServerConfig(host=host).validate()
+
+
+def test_serve_refuses_an_open_address_without_a_token(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "serve", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path))
+    assert code == 2 and "--allow-unauthenticated" in err and "MEMSTORE_TOKEN" in err
+
+
+def test_ram_tables_are_snapshotted_periodically_by_default(tmp_path):
+    assert ServerConfig().snapshot_interval_s == 300
+    with in_process(tmp_path / "d", "ram", snapshot_interval_s=0.2) as srv, MemStoreClient(srv.target) as client:
+        client.create_table("t", 100, 2)
+        client.update("t", [1], np.ones((1, 2)))
+        snapshots = tmp_path / "d" / "snapshots" / "t"
+        deadline = time.monotonic() + 20
+        while not (snapshots.is_dir() and any(snapshots.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(snapshots.iterdir()), "no periodic snapshot"
+
+
+@pytest.mark.subprocess
+def test_drop_table_asks_on_a_terminal(tmp_path):
+    with in_process(tmp_path / "d") as srv:
+        with MemStoreClient(srv.target) as client:
+            client.create_table("t", 10, 2)
+        for answer, dropped in ((b"n\n", False), (b"yes\n", True)):
+            leader, follower = pty.openpty()
+            os.write(leader, answer)
+            done = subprocess.run([sys.executable, "-m", "memstore.cli", "drop-table", "t", "--target", srv.target],
+                                  stdin=follower, capture_output=True, timeout=60, check=False)
+            os.close(follower)
+            os.close(leader)
+            assert (done.returncode == 0) == dropped, done.stderr
+            with MemStoreClient(srv.target) as client:
+                assert (client.list_tables() == []) == dropped
