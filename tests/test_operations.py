@@ -44,7 +44,7 @@ def test_ram_tables_report_resident_and_reserved_bytes(tmp_path, capsys, shm_dir
         assert info.bytes_resident >= 0.9 * info.bytes_reserved > 4 * info.bytes_used
 
         code, listing, _ = cli(capsys, "ls", "--target", server.target)
-        assert code == 0 and listing.split("\n")[0].split()[-3:] == ["USED", "RESIDENT", "RESERVED"]
+        assert code == 0 and listing.split("\n")[0].split()[-4:] == ["USED", "RESIDENT", "RESERVED", "SHARDS"]
         described = json.loads(cli(capsys, "describe", "t", "--target", server.target)[1])
         assert described["bytes_resident"] >= 0.9 * described["bytes_reserved"]
         stats = json.loads(cli(capsys, "stats", "--target", server.target)[1])
