@@ -200,6 +200,8 @@ def serve(model: DecoderGPT, requests: list[Request], batch_size: int, *, prefet
           keep_logits: bool = False) -> Generation:
     """Greedy (or teacher-forced) generation with continuous batching: up to `batch_size`
     sequences decode together; a finished one leaves and the next request is prefilled and joins."""
+    if any(r.max_new_tokens < 1 for r in requests):
+        raise ValueError("every request generates at least one token (its prefill's)")
     out = Generation([[] for _ in requests], [[] for _ in requests] if keep_logits else None)
     queue, running, batch = deque(range(len(requests))), [], None
     started = time.perf_counter()

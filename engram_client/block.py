@@ -29,13 +29,28 @@ from engram_client.hashing import NgramHasher
 from engram_client.tables import LocalTables, TableSource
 
 
-@dataclass
+@dataclass(eq=False)
 class Lookahead:
     """Rows requested for the next positions of a state, before the forward reaches the block."""
 
-    input_ids: torch.Tensor  # (B, T) the tokens the rows were requested for
+    block: EngramBlock  # the block that requested them: only its forward may use them
+    input_ids: torch.Tensor  # (B, T) the very tensor the rows were requested for
+    version: int  # input_ids._version then: an in-place change since means "other tokens"
     row_ids: torch.Tensor  # (B, T, H) their hashed rows (from the state's history at request time)
     handle: object | None  # the table source's `prefetch` handle; None for local rows
+
+    def matches(self, block: EngramBlock, input_ids: torch.Tensor) -> bool:
+        """For this block and these tokens? The same unchanged tensor needs no comparison (no
+        device sync on a GPU); another tensor is compared by value."""
+        if block is not self.block or self.input_ids._version != self.version:
+            return False  # another block's, or its tokens were changed in place since
+        if input_ids is self.input_ids:
+            return True
+        return input_ids.shape == self.input_ids.shape and torch.equal(
+            input_ids, self.input_ids.to(input_ids.device))
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied state (e.g. a beam) starts without the in-flight request
 
 
 @dataclass
@@ -46,9 +61,15 @@ class EngramState:
     sequence in chunks (or token by token) gives the same outputs as one full forward. Row b is
     sequence b: `select` and `cat` re-batch sequences that leave or join (continuous batching).
 
-    Invariant: `lookahead`, when set, was requested from this very history (`tokens`); only
-    `forward` advances the history and it always consumes or discards the lookahead, and
-    re-batching drops it, so a lookahead can never be used for a history it was not hashed from.
+    Invariants of `lookahead` (each tested in tests/test_decode.py):
+    1. it was requested from this very history (`tokens`): only `forward` advances the history and
+       it always consumes or discards the lookahead, and re-batching (`select`, `cat`) and copying
+       drop it, so it is never used for a history it was not hashed from;
+    2. only the block that requested it uses it (`Lookahead.block`), whatever order a model
+       hands its blocks their states in;
+    3. it is used for the very tokens it was requested for, else discarded.
+    The table source guards what the rows reflect (`RemoteTables`: a handle from before a
+    restore is never used).
     """
 
     tokens: torch.Tensor  # (B, N-1) raw ids of the last N-1 tokens; pad_id before the start
@@ -60,8 +81,16 @@ class EngramState:
         return self.tokens.shape[0]
 
     def select(self, index: torch.Tensor | list[int]) -> EngramState:
-        """The state of the sequences at `index` (in that order); an unused lookahead is dropped."""
-        index = torch.as_tensor(index, dtype=torch.int64, device=self.tokens.device)
+        """The state of the sequences at `index` (positions, in that order, or a bool mask of
+        length B); an unused lookahead is dropped."""
+        index = torch.as_tensor(index, device=self.tokens.device)
+        if index.dtype == torch.bool:
+            if index.shape != (self.batch_size,):
+                raise ValueError(f"a bool mask must have shape ({self.batch_size},), got {tuple(index.shape)}")
+            index = index.nonzero().squeeze(1)
+        elif index.is_floating_point() or index.is_complex():
+            raise TypeError(f"select takes positions or a bool mask, got {index.dtype}")
+        index = index.to(torch.int64).reshape(-1)
         return EngramState(self.tokens.index_select(0, index), self.conv.index_select(0, index.to(self.conv.device)))
 
     @staticmethod
@@ -198,17 +227,17 @@ class EngramBlock(nn.Module):
         block run); the next `forward(..., input_ids, state=state)` waits only for rows that have
         not arrived. Forwarding other tokens instead is safe: the lookahead is then discarded.
         """
+        if not isinstance(state, EngramState):
+            raise TypeError(f"prefetch needs this block's EngramState, got {type(state).__name__}")
         row_ids = self.row_ids(input_ids, state)  # (B, T, H)
-        state.lookahead = Lookahead(input_ids.detach().clone(), row_ids, self.tables.prefetch(row_ids))
+        state.lookahead = Lookahead(self, input_ids, input_ids._version, row_ids, self.tables.prefetch(row_ids))
 
     def _take_lookahead(self, input_ids: torch.Tensor, state: EngramState | None) -> Lookahead | None:
         lookahead = None if state is None else state.lookahead
         if lookahead is None:
             return None
-        state.lookahead = None  # used at most once, whatever happens below
-        same = lookahead.input_ids.shape == input_ids.shape and torch.equal(
-            lookahead.input_ids, input_ids.to(lookahead.input_ids.device))
-        return lookahead if same else None
+        state.lookahead = None  # used at most once, and never after the history moved on
+        return lookahead if lookahead.matches(self, input_ids) else None
 
     # ---- forward --------------------------------------------------------------------------
     def forward(
@@ -245,7 +274,8 @@ class EngramBlock(nn.Module):
         elif row_ids is None:
             row_ids = self.row_ids(input_ids, state)
 
-        rows = self.tables(row_ids, prefetched=prefetched)  # (B, T, H, D)
+        # sources written to the plain `forward(row_ids)` contract only ever see that call
+        rows = self.tables(row_ids) if prefetched is None else self.tables(row_ids, prefetched=prefetched)  # (B, T, H, D)
         e = rows.flatten(-2).to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)  # (B, T, E)
         key = self.key_norm(self.key_proj(e).view(B, T, G, C))  # (B, T, G, C)
         query = self.query_norm(hidden_states)  # (B, T, G, C)

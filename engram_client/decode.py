@@ -5,7 +5,7 @@ known as soon as the token is: before the embedding, long before the forward rea
 layer. `EntryPrefetch` sends every Engram block's lookup at the start of each forward (prefill
 or decode step); each block then waits only for what has not arrived by the time the layers
 below it are done. This is how the paper keeps a host-DRAM table within 2-3 % of local tables at
-inference (its Table 4), and what vLLM/SGLang do for DeepSeek-V4.1's Engram layers.
+inference (its Table 4).
 
     entry = EntryPrefetch(model)                    # finds the model's EngramBlocks, in order
     states = entry.init_states(batch_size)          # one EngramState per block (per-sequence rows)
@@ -14,8 +14,10 @@ inference (its Table 4), and what vLLM/SGLang do for DeepSeek-V4.1's Engram laye
 
 Sequences join and leave between steps (continuous batching) by re-batching the states:
 `select_states(states, keep)` and `cat_states([running, joined])`. Any table source works: local
-tables have nothing to fetch (their lookahead only saves the second hash), host tables gather in
-the background, memstore tables (gRPC or same-host, sharded, with a row cache) send the request.
+tables have nothing to fetch (their lookahead only saves the second hash); memstore tables over
+gRPC (sharded, with a row cache) send the request, which travels while the layers below run;
+host tables and same-host memstore tables gather a decode step's few hundred rows right away in
+`start` (microseconds: a hand-off to a thread would cost more), large batches in the background.
 Forwarding tokens other than the prefetched ones is safe: the block then looks them up itself.
 """
 from __future__ import annotations
@@ -49,6 +51,10 @@ class EntryPrefetch:
         (nearest the input first: it has the least time to wait)."""
         if len(states) != len(self.blocks):
             raise ValueError(f"{len(states)} states for {len(self.blocks)} Engram blocks")
+        for i, state in enumerate(states):  # all checked before anything is sent
+            if not isinstance(state, EngramState) or state.batch_size != input_ids.shape[0]:
+                raise ValueError(f"states[{i}] must be an EngramState of batch size {input_ids.shape[0]} "
+                                 f"(input_ids {tuple(input_ids.shape)}), got {_describe(state)}")
         with torch.no_grad():
             for block, state in zip(self.blocks, states):
                 block.prefetch(input_ids, state)
@@ -67,3 +73,7 @@ def select_states(states: list[EngramState], index: torch.Tensor | list[int]) ->
 def cat_states(groups: list[list[EngramState]]) -> list[EngramState]:
     """One list of per-block states from several groups of sequences (e.g. running + joining)."""
     return [EngramState.cat(list(per_block)) for per_block in zip(*groups)]
+
+
+def _describe(state: object) -> str:
+    return f"batch size {state.batch_size}" if isinstance(state, EngramState) else type(state).__name__

@@ -31,6 +31,7 @@ class InProcessStore:
         self._updates = ThreadPoolExecutor(1, thread_name_prefix="engram-host-update")  # in order
         self.client_id = uuid.uuid4().hex
         self._steps = StepOrder()  # touched only on the update thread
+        self._closed = False
 
     def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
                      init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
@@ -43,12 +44,14 @@ class InProcessStore:
         return self._info(self.store.describe(name))
 
     def lookup(self, name: str, ids: np.ndarray) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError("this InProcessStore is closed")
         ids = as_row_ids(ids)
         rows = self.store.lookup(name, ids.reshape(-1))
         return rows.reshape(*ids.shape, rows.shape[-1])
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
-        if np.size(ids) <= INLINE_GATHER_ROWS:  # a thread hand-off costs more than a small gather
+        if np.size(ids) <= INLINE_GATHER_ROWS or self._closed:  # a hand-off costs more than a small gather
             return completed(self.lookup, name, ids)
         return self._lookups.submit(self.lookup, name, ids)
 
@@ -91,6 +94,7 @@ class InProcessStore:
                          view.counters.updates, view.bytes_reserved, view.bytes_resident)
 
     def close(self) -> None:
+        self._closed = True
         self._updates.shutdown(wait=True)
         self._lookups.shutdown(wait=True)
         self.store.backend.close()

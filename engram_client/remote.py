@@ -65,6 +65,9 @@ class PendingLookup:
     reflects: int = 0            # the rows reflect every step < reflects (StepLog.confirmed at send)
     hit: np.ndarray | None = None        # (U,) bool: served by the row cache
     cached: torch.Tensor | None = None   # (U, D) on the device: the cache's rows where `hit`
+    source: RemoteTables | None = None   # the table that prepared it: only its forward uses it
+    epoch: int = 0                       # the source's restore count then: older ones are never used
+    requested: torch.Tensor | None = None  # the row_ids tensor as given (a same-object match needs no copy)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class RemoteTables(TableSource):
             self.table_kwargs["dtype"] = self.store.describe_table(name).spec.dtype
         self._check_spec(self._attach() if create else self.store.describe_table(name))
         self._queue: deque[PendingLookup] = deque()
+        self._restores = 0  # reset_step calls so far: the epoch a PendingLookup must carry to be used
         self.steps = StepLog(name)
         self._accumulated: list[tuple[np.ndarray, np.ndarray]] = []  # micro-batches of the open step
         self.stats = SourceStats()
@@ -168,9 +172,10 @@ class RemoteTables(TableSource):
 
     def prepare(self, row_ids: torch.Tensor) -> PendingLookup:
         """De-duplicate the rows of `row_ids` (B, T, H); nothing is sent yet. Thread-safe."""
-        row_ids = row_ids.detach().to("cpu", torch.int64)
+        requested, row_ids = row_ids, row_ids.detach().to("cpu", torch.int64)
         unique, inverse = torch.unique(row_ids.reshape(-1), sorted=True, return_inverse=True)
-        return PendingLookup(row_ids, unique.numpy(), inverse)
+        return PendingLookup(row_ids, unique.numpy(), inverse, source=self, epoch=self._restores,
+                             requested=requested)
 
     def send(self, pending: PendingLookup) -> PendingLookup:
         """Send the lookup now; what the rows will reflect is settled when they are used."""
@@ -246,7 +251,7 @@ class RemoteTables(TableSource):
     def _take_pending(self, row_ids: torch.Tensor) -> PendingLookup:
         if self._queue:
             pending = self._queue.popleft()
-            if _same_ids(pending, row_ids):
+            if self._usable(pending, row_ids):
                 self.stats.requested_ahead += 1
                 return pending
             self._queue.clear()  # out of step with the prefetcher (e.g. an eval batch): fetch directly
@@ -254,10 +259,18 @@ class RemoteTables(TableSource):
 
     def _checked(self, prefetched: PendingLookup, row_ids: torch.Tensor) -> PendingLookup:
         """A prefetch handed in by the caller, if it is for these very rows."""
-        if not _same_ids(prefetched, row_ids):
+        if not self._usable(prefetched, row_ids):
             return self._request_now(row_ids)
         self.stats.requested_ahead += 1
         return prefetched
+
+    def _usable(self, pending: PendingLookup, row_ids: torch.Tensor) -> bool:
+        """Prepared by this table, since its last restore, for these very rows."""
+        if pending.source is not self or pending.epoch != self._restores:
+            return False
+        if row_ids is pending.requested:
+            return True
+        return pending.row_ids.shape == row_ids.shape and torch.equal(pending.row_ids, row_ids.cpu())
 
     def _request_now(self, row_ids: torch.Tensor) -> PendingLookup:
         self.steps.wait(self._must_see())  # no prefetch: wait first rather than fetch twice
@@ -356,6 +369,7 @@ class RemoteTables(TableSource):
         """After a restore: the next step is `step`; in-flight steps, queued prefetches, partial
         accumulation and cached rows are forgotten."""
         self.steps.reset(step)
+        self._restores += 1  # lookups prepared before now (a prefetch a state still holds) go unused
         self._accumulated.clear()
         self._queue.clear()
         if self.cache is not None:
@@ -364,10 +378,6 @@ class RemoteTables(TableSource):
     def extra_repr(self) -> str:
         job = f", job={self.job.name!r}, rank={self.job.rank}/{self.job.world_size}" if self.job else ""
         return f"name={self.name!r}, num_rows={self.num_rows}, dim={self.dim}, mode={self.mode}{job}"
-
-
-def _same_ids(pending: PendingLookup, row_ids: torch.Tensor) -> bool:
-    return pending.row_ids.shape == row_ids.shape and torch.equal(pending.row_ids, row_ids.cpu())
 
 
 def _tag_safe(name: str) -> str:

@@ -81,8 +81,8 @@ class StepLog:
         """Ids of the steps in [since, upto) (invariant 4); None if one is forgotten."""
         with self._lock:
             known = {**self._recent, **{s: entry[0] for s, entry in self._inflight.items()}}
-        if any(s not in known for s in range(since, upto)):
-            return None
+        if since > upto or any(s not in known for s in range(since, upto)):
+            return None  # since > upto: from before a reset; nothing is known about it
         return [known[s] for s in range(since, upto)]
 
     def resend_failed(self) -> list[int]:

@@ -303,11 +303,26 @@ class MemStoreClient:
 
     def lookup_async(self, name: str, ids: np.ndarray) -> Future:
         """`lookup` on a background thread; `.result()` gives the rows. Small batches of a table
-        already mapped same-host are gathered at once instead (see INLINE_GATHER_ROWS)."""
+        already mapped same-host are gathered at once instead (see INLINE_GATHER_ROWS); anything
+        that may wait (mapping again, gRPC) still goes to the background thread."""
         ids = np.array(as_row_ids(ids))  # copy: the caller may reuse its buffer
-        if ids.size <= INLINE_GATHER_ROWS and self._views.get(name) is not None:
-            return completed(self.lookup, name, ids)
+        rows = self._inline_gather(name, ids) if ids.size <= INLINE_GATHER_ROWS else None
+        if rows is not None:
+            done: Future = Future()
+            done.set_result(rows.reshape(*ids.shape, rows.shape[-1]))
+            return done
         return self._async_pool.submit(self.lookup, name, ids)
+
+    def _inline_gather(self, name: str, ids: np.ndarray) -> np.ndarray | None:
+        """The rows from the table's current mapping, or None (not mapped, stale, or ids the
+        server must judge): the caller then takes the full path."""
+        view = self._views.get(name)  # a dict read; a mapping replaced meanwhile raises StaleMapping
+        if view is None:
+            return None
+        try:
+            return view.lookup(ids.reshape(-1))
+        except Exception:  # noqa: BLE001 - stale or failing: the full path maps again or raises it properly
+            return None
 
     def _lookup_part(self, name: str, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         request = pb.LookupRequest(table=name, ids=ids.tobytes())

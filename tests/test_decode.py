@@ -4,6 +4,7 @@ the EngramState lookahead invariant; generation served by a read-only replica.""
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -191,3 +192,100 @@ def test_a_read_only_replica_serves_generation_and_refuses_updates(tmp_path):
     for layer, block in zip(layers, local.entry.blocks):
         block.tables.weight.data = torch.from_numpy(trained[layer])
     assert generations[0] == generations[1] == serve(local, reqs, batch_size=2).tokens
+
+
+# ---- the lookahead invariants, continued; table sources ------------------------------------------
+def test_only_the_block_that_requested_rows_uses_them():
+    torch.manual_seed(0)
+    first = EngramBlock(ENGRAM, 1, 16, hasher=HASHER).eval()
+    second = EngramBlock(ENGRAM, 2, 16, hasher=HASHER).eval()
+    ids, hidden = torch.randint(1, VOCAB, (2, 4)), torch.randn(2, 4, 16)
+    state = second.init_state(2)
+    first.prefetch(ids, state)  # states handed to the wrong blocks: first's rows must not reach second
+    assert torch.equal(second(hidden, ids, state=state), second(hidden, ids))
+    assert state.lookahead is None
+
+
+def test_tokens_changed_in_place_after_prefetch_are_looked_up_again():
+    block, hidden, ids = block_and_inputs()
+    state = block.init_state(3)
+    block.prefetch(ids, state)
+    ids[0, 0] = (ids[0, 0] + 1) % VOCAB
+    assert torch.equal(block(hidden, ids, state=state), block(hidden, ids))
+
+
+def test_a_copied_state_starts_without_the_lookahead():
+    import copy
+    model = make_model(lambda layer: HostTables(HASHER.total_rows(layer), ENGRAM.head_dim, name=f"l{layer}"))
+    states = model.entry.init_states(2)
+    model.entry.start(torch.ones(2, 3, dtype=torch.int64), states)
+    copied = copy.deepcopy(states)
+    assert all(s.lookahead is None for s in copied) and all(s.lookahead is not None for s in states)
+
+
+def test_select_takes_a_bool_mask_and_refuses_floats():
+    block, hidden, ids = block_and_inputs()
+    state = block.init_state(3)
+    block(hidden, ids, state=state)
+    assert torch.equal(state.select(torch.tensor([True, False, True])).tokens, state.tokens[[0, 2]])
+    with pytest.raises(ValueError, match="bool mask"):
+        state.select(torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="positions or a bool mask"):
+        state.select(torch.tensor([0.0, 1.0]))
+
+
+def test_start_checks_every_state_before_sending_anything():
+    model = make_model(lambda layer: None)
+    states = model.entry.init_states(2)
+    with pytest.raises(ValueError, match=r"states\[1\] must be an EngramState of batch size 2 .* got batch size 3"):
+        model.entry.start(torch.ones(2, 1, dtype=torch.int64), [states[0], model.entry.blocks[1].init_state(3)])
+    with pytest.raises(ValueError, match=r"states\[0\] must be an EngramState .* got NoneType"):
+        model.entry.start(torch.ones(2, 1, dtype=torch.int64), [None, states[1]])
+    assert all(s.lookahead is None for s in states)
+
+
+def test_a_source_with_only_forward_row_ids_still_works():
+    class PlainTables(LocalTables):
+        def forward(self, row_ids):  # the contract before prefetch existed
+            return super().forward(row_ids)
+
+    model = make_model(lambda layer: PlainTables(HASHER.total_rows(layer), ENGRAM.head_dim))
+    reqs = requests(3)
+    assert serve(model, reqs, 2).tokens == serve(model, reqs, 2, prefetch=False).tokens
+
+
+def test_rows_requested_before_a_restore_are_not_used_after_it():
+    """A forward interrupted after `start`, a restore, then the same states: the rows are fetched
+    again (and never cached) instead of the pre-restore ones."""
+    rows = HASHER.total_rows(1)
+    tables = HostTables(rows, ENGRAM.head_dim, optimizer="sgd", lr=1.0, cache=RowCache(1 << 16, ENGRAM.head_dim))
+    row_ids = torch.arange(0, 40).view(1, 5, 8)
+    early = tables.prefetch(row_ids)
+    tables.store.update(tables.name, np.arange(40), np.ones((40, ENGRAM.head_dim), np.float32))  # the restored rows
+    tables.reset_step(0)
+    current = torch.from_numpy(tables.store.lookup(tables.name, np.arange(40))).view(1, 5, 8, -1)
+    assert torch.equal(tables(row_ids, prefetched=early), current)
+    assert torch.equal(tables(row_ids), current)  # and the row cache did not keep the old rows
+
+
+def test_a_closed_host_store_says_so_for_any_lookup_size():
+    tables = HostTables(HASHER.total_rows(1), ENGRAM.head_dim)
+    tables.store.close()
+    for n in (3, 20_000):
+        with pytest.raises(RuntimeError, match="closed"):
+            tables.store.lookup_async(tables.name, np.arange(n)).result()
+
+
+def test_small_same_host_lookups_are_done_at_once_and_never_block_on_a_dead_daemon(tmp_path):
+    with ServeProcess(tmp_path / "data", "ram") as server:
+        client = MemStoreClient(server.target, shared_memory="on", retry_timeout_s=3)
+        client.create_table("t", 1000, 4)
+        client.lookup("t", np.arange(3))  # maps the table
+        assert client.lookup_async("t", np.arange(10)).done()
+        server.kill()
+        started = time.monotonic()
+        future = client.lookup_async("t", np.arange(10))  # stale mapping: the retries run in the background
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(Exception):  # noqa: B017 - Unavailable after the retries, or a stale mapping
+            future.result(timeout=30)
+        client.close()
