@@ -78,7 +78,8 @@ class EngramAdapter:
         base = getattr(model, "base_model", model)
         self._handles = [base.register_forward_pre_hook(self._begin, with_kwargs=True),
                          base.register_forward_hook(self._end, with_kwargs=True)]
-        self._handles += [layers[i].register_forward_pre_hook(self._before_layer, with_kwargs=True) for i in blocks]
+        self._handles += [layers[layer_id].register_forward_pre_hook(self._before_layer, with_kwargs=True)
+                          for layer_id in blocks]
         self._layers = layers
 
     # ---- training helpers -------------------------------------------------------------------
@@ -165,7 +166,8 @@ class EngramAdapter:
         if call is None or call.record is None:
             return
         call.record.length += call.input_ids.shape[1]
-        cache = next((getattr(output, k, None) for k in CACHE_KEYS if getattr(output, k, None) is not None), None)
+        caches = (getattr(output, key, None) for key in CACHE_KEYS)
+        cache = next((c for c in caches if c is not None), None)
         if cache is not None and not isinstance(cache, tuple):  # legacy tuple caches cannot carry the state
             _bind(cache, call.record)
 

@@ -142,7 +142,8 @@ def batches(data: torch.Tensor, T: int, steps: int) -> Iterator[tuple[torch.Tens
         yield x, y
 
 
-def train(use_engram: bool, steps: int, seed: int = 0, memstore: MemStoreClient | None = None) -> tuple[GPT, float]:
+def train(use_engram: bool, steps: int, seed: int = 0,
+          memstore: MemStoreClient | None = None) -> tuple[GPT, float]:
     torch.manual_seed(seed)
     chars = ["<pad>"] + sorted(set(TEXT))  # id 0 pads the n-grams before the first token
     data = torch.tensor([chars.index(c) for c in TEXT])
@@ -169,7 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--compare", action="store_true", help="also train the same GPT without Engram")
     parser.add_argument("--memstore", nargs="?", const="start", metavar="HOST:PORT",
-                        help="the Engram table on memstore: a running daemon, or (no value) one this script starts")
+                        help="the Engram table on memstore: a running daemon, or (no value) one started here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # matrices this small run fastest on one thread
 

@@ -85,13 +85,13 @@ def train_plain(model, engram: EngramAdapter, steps: int) -> list[float]:
 
 def train_with_trainer(model, engram: EngramAdapter, steps: int, output_dir: str) -> list[float]:
     rows = [{k: v[i] for k, v in batch.items()} for batch in batches(steps) for i in range(BATCH)]
-    args = transformers.TrainingArguments(output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps,
-                                          learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=max(1, steps // 8),
-                                          save_steps=max(1, steps // 2), report_to=[], use_cpu=True,
-                                          disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=3e-3,
+        lr_scheduler_type="constant", logging_steps=max(1, steps // 8), save_steps=max(1, steps // 2),
+        report_to=[], use_cpu=True, disable_tqdm=True)
     trainer = EngramTrainer(model=model, args=args, train_dataset=rows, engram=engram)
     trainer.train()
-    print(f"  checkpoints (dense weights + engram_tables.json) in {output_dir}")
+    print(f"  Trainer checkpoints in {output_dir}")
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
@@ -129,8 +129,9 @@ def main() -> None:
                                      n_head_per_ngram=4, layer_ids=[1], pad_id=PAD)
         table_args = {} if tables == "local" else {"optimizer": "adam", "lr": 1e-2}
         engram = add_engram(model, engram_config, tables=tables, table_args=table_args)
-        print(f"{type(model).__name__} with Engram in decoder layer 1 ({args.tables if not args.memstore else 'memstore'} "
-              f"tables, {sum(t.num_rows for t in (b.tables for b in engram.blocks.values()))} rows)")
+        where = "memstore" if args.memstore else args.tables
+        rows = sum(block.tables.num_rows for block in engram.blocks.values())
+        print(f"{type(model).__name__} with Engram in decoder layer 1 ({where} tables, {rows} rows)")
         started = time.perf_counter()
         if args.trainer:
             output_dir = args.output_dir or stack.enter_context(tempfile.TemporaryDirectory())

@@ -199,7 +199,8 @@ def test_trainer_checkpoints_the_memstore_tables_and_resumes_them(tmp_path):
         losses = [h["loss"] for h in straight.state.log_history if "loss" in h]
         assert losses[-1] < losses[0] - 0.3, losses
         record = json.loads((tmp_path / "out" / "checkpoint-4" / TABLES_FILE).read_text())
-        assert {name: entry["step"] for name, entry in record["tables"].items()} == {"engram_l1": 4, "engram_l2": 4}
+        steps = {name: entry["step"] for name, entry in record["tables"].items()}
+        assert steps == {"engram_l1": 4, "engram_l2": 4}
         rows_after_8 = client.lookup("engram_l1", np.arange(400))
 
         # a new process resumes from step 4: the tables roll back to step 4 and train steps 5..8 again
