@@ -120,21 +120,25 @@ class EngramAdapter:
             raise ValueError("Engram hashes token ids: call the model with input_ids, not inputs_embeds")
         if module.training and torch.is_grad_enabled() and self.remote_tables() and \
                 getattr(module, "gradient_checkpointing", False):
-            raise ValueError("gradient checkpointing re-runs the Engram lookups in backward; remote tables "
+            # transformers 4.x recomputes the layer's hooks too: the lookup, and the step, would run twice
+            raise ValueError("gradient checkpointing may re-run the Engram lookups in backward; remote tables "
                              "would send their step twice: disable it, or use local tables")
         ids, padding = engram_input_ids(input_ids, kwargs.get("attention_mask"), self.config.pad_id)
         cache = next((kwargs[k] for k in CACHE_KEYS if kwargs.get(k) is not None), None)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(getattr(module, "config", None), "use_cache", False)
-        self._call = _Call(ids, padding, self._record_for(cache, bool(use_cache), ids))
+        # a training forward keeps no state: nothing continues it, and gradient checkpointing
+        # re-runs the layers, which must then see the same (empty) history again
+        keep_state = cache is not None or (bool(use_cache) and not (module.training and torch.is_grad_enabled()))
+        self._call = _Call(ids, padding, self._record_for(cache, keep_state, ids))
 
-    def _record_for(self, cache: Any, use_cache: bool, ids: torch.Tensor) -> DecodingRecord | None:
+    def _record_for(self, cache: Any, keep_state: bool, ids: torch.Tensor) -> DecodingRecord | None:
         """Fresh states for a new sequence, or the states that continue `cache`."""
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
-            if cache is None and not use_cache:
-                return None  # nothing will continue this forward (training): no state to keep
+            if not keep_state:
+                return None
             return DecodingRecord({i: b.init_state(len(ids)) for i, b in self.blocks.items()}, 0)
         record = getattr(cache, RECORD_ATTR, None)
         if record is None:

@@ -157,6 +157,37 @@ def train_plain(model, data, engram=None) -> list[float]:
     return losses
 
 
+def enable_checkpointing(model) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_is_refused_with_remote_tables():
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(5))
+    grads = []
+    for checkpointing in (False, True):
+        model, engram = engram_model()
+        model.train()
+        if checkpointing:
+            enable_checkpointing(model)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in engram.blocks[1].parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain)
+    model = tiny_model()
+    add_engram(model, ENGRAM, tables="host")
+    enable_checkpointing(model.train())
+    with pytest.raises(ValueError, match="send their step twice"):
+        model(ids, labels=ids)
+
+
+def test_the_base_model_can_be_called_alone():
+    model, _ = engram_model()
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model.model(input_ids=ids).last_hidden_state), model(ids).logits)
+
+
 def test_plain_training_with_local_tables_lowers_the_loss():
     model = tiny_model()
     add_engram(model, ENGRAM)
