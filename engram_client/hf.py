@@ -118,11 +118,8 @@ class EngramAdapter:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("Engram hashes token ids: call the model with input_ids, not inputs_embeds")
-        if module.training and torch.is_grad_enabled() and self.remote_tables() and \
-                getattr(module, "gradient_checkpointing", False):
-            # transformers 4.x recomputes the layer's hooks too: the lookup, and the step, would run twice
-            raise ValueError("gradient checkpointing may re-run the Engram lookups in backward; remote tables "
-                             "would send their step twice: disable it, or use local tables")
+        if module.training and torch.is_grad_enabled():
+            self._check_checkpointing()
         ids, padding = engram_input_ids(input_ids, kwargs.get("attention_mask"), self.config.pad_id)
         cache = next((kwargs[k] for k in CACHE_KEYS if kwargs.get(k) is not None), None)
         use_cache = kwargs.get("use_cache")
@@ -132,6 +129,17 @@ class EngramAdapter:
         # re-runs the layers, which must then see the same (empty) history again
         keep_state = cache is not None or (bool(use_cache) and not (module.training and torch.is_grad_enabled()))
         self._call = _Call(ids, padding, self._record_for(cache, keep_state, ids))
+
+    def _check_checkpointing(self) -> None:
+        """transformers 5 checkpoints a layer's `forward`, so the Engram hook runs once, outside the
+        checkpoint; transformers 4.x checkpoints its `__call__`, hooks included, and would replay the
+        hook in backward, after this forward's ids are gone (and look the rows up twice)."""
+        for layer_id in self.blocks:
+            layer = self._layers[layer_id]
+            if getattr(layer, "gradient_checkpointing", False) and type(layer).__call__ is not nn.Module.__call__:
+                raise ValueError("this transformers version re-runs module hooks when gradient checkpointing "
+                                 "recomputes a layer, which Engram's hook cannot follow: disable gradient "
+                                 "checkpointing, or use transformers >= 5")
 
     def _record_for(self, cache: Any, keep_state: bool, ids: torch.Tensor) -> DecodingRecord | None:
         """Fresh states for a new sequence, or the states that continue `cache`."""
