@@ -5,7 +5,7 @@ the Trainer's checkpoints, resume from them.
     trainer = EngramTrainer(model=model, args=TrainingArguments(...), train_dataset=..., engram=engram)
     trainer.train()                                   # or trainer.train(resume_from_checkpoint=True)
 
-`EngramTrainer` is a `Trainer` whose training data loader runs through a `Prefetcher` (the remote
+`EngramTrainer` is a `Trainer` whose training batches run through a `Prefetcher` (the remote
 tables' rows for batch k+1 travel while step k computes) and that carries an `EngramCallback`.
 The callback alone works with any Trainer (no prefetch then):
 - `on_save`: `checkpoint_tables(model)` at the step the Trainer just saved, written as
@@ -69,35 +69,25 @@ def checkpoint_dir(args, step: int) -> Path:
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
 
-class PrefetchingLoader:
-    """A data loader whose iteration goes through a `Prefetcher`; everything else (len, sampler,
-    set_epoch, ...) is the wrapped loader's, so the Trainer treats it as its own loader."""
-
-    def __init__(self, loader: Any, engram: EngramAdapter, depth: int = 2) -> None:
-        self.loader, self.engram, self.depth = loader, engram, depth
-        self.prefetcher: Prefetcher | None = None  # the current epoch's, for its wait summary
-
-    def __iter__(self) -> Iterator[Any]:
-        self.prefetcher = self.engram.prefetch(self.loader, depth=self.depth)
-        return iter(self.prefetcher)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)
-
-
 class EngramTrainer(Trainer):
-    """A `Trainer` with Engram: prefetching training loader and `EngramCallback`."""
+    """A `Trainer` with Engram: training batches come through a `Prefetcher`, and an `EngramCallback`
+    saves and restores the tables with the checkpoints."""
 
     def __init__(self, *args: Any, engram: EngramAdapter, prefetch_depth: int = 2, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.engram, self.prefetch_depth = engram, prefetch_depth
         self.add_callback(EngramCallback(engram))
+        self._epoch_iterator: Iterator | None = None  # the Trainer's iterator of the current epoch ...
+        self._prefetching: Iterator | None = None     # ... and the prefetching iterator over it
+        self.prefetcher: Prefetcher | None = None     # the current epoch's, for its wait summary
 
-    def get_train_dataloader(self):
-        loader = super().get_train_dataloader()
-        if not self.engram.remote_tables():
-            return loader  # local tables: nothing to fetch
-        return PrefetchingLoader(loader, self.engram, self.prefetch_depth)
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The Trainer takes every training batch here. Prefetching at this point, not by wrapping
+        the data loader, keeps the loader the Trainer's own (resuming mid-epoch skips batches
+        through accelerate, which rebuilds only loaders it knows)."""
+        if self.engram.remote_tables():
+            if epoch_iterator is not self._epoch_iterator:  # a new epoch (or a resumed one)
+                self.prefetcher = self.engram.prefetch(epoch_iterator, depth=self.prefetch_depth)
+                self._epoch_iterator, self._prefetching = epoch_iterator, iter(self.prefetcher)
+            epoch_iterator = self._prefetching
+        return super().get_batch_samples(epoch_iterator, num_batches, device)

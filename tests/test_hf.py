@@ -225,7 +225,7 @@ def test_training_with_memstore_tables_and_prefetch_lowers_the_loss(tmp_path):
 
 def trainer(model, engram, out_dir, steps: int):
     args = transformers.TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=steps, save_steps=4, logging_steps=2,
+        output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=steps, save_steps=3, logging_steps=2,
         learning_rate=3e-3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
     rows = [{k: v[i] for k, v in batch.items()} for batch in batches(4) for i in range(8)]
     return EngramTrainer(model=model, args=args, train_dataset=rows, engram=engram)
@@ -243,12 +243,14 @@ def test_trainer_checkpoints_the_memstore_tables_and_resumes_them(tmp_path):
         straight, _ = run()
         losses = [h["loss"] for h in straight.state.log_history if "loss" in h]
         assert losses[-1] < losses[0] - 0.3, losses
-        record = json.loads((tmp_path / "out" / "checkpoint-4" / TABLES_FILE).read_text())
+        assert straight.prefetcher.summary()["steps"] > 0  # the batches came through the prefetcher
+        record = json.loads((tmp_path / "out" / "checkpoint-6" / TABLES_FILE).read_text())
         steps = {name: entry["step"] for name, entry in record["tables"].items()}
-        assert steps == {"engram_l1": 4, "engram_l2": 4}
+        assert steps == {"engram_l1": 6, "engram_l2": 6}
         rows_after_8 = client.lookup("engram_l1", np.arange(400))
 
-        # a new process resumes from step 4: the tables roll back to step 4 and train steps 5..8 again
-        _, resumed = run(resume=str(tmp_path / "out" / "checkpoint-4"))
+        # a new model resumes from step 6 (mid-epoch: 4 batches per epoch): the tables roll back to
+        # step 6 and train steps 7 and 8 again
+        _, resumed = run(resume=str(tmp_path / "out" / "checkpoint-6"))
         assert [s.step for s in resumed.remote_tables()] == [8, 8]
         np.testing.assert_allclose(client.lookup("engram_l1", np.arange(400)), rows_after_8, atol=1e-6)
