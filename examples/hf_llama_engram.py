@@ -20,20 +20,13 @@ import time
 
 import torch
 import transformers
+from gpt_with_engram import TEXT  # the same few lines of text as the small GPT example
 from memstore_daemon import local_daemon  # examples/memstore_daemon.py
 
 from engram_client import EngramConfig, MemStoreClient
 from engram_client.hf import EngramAdapter, add_engram
 from engram_client.hf_trainer import EngramTrainer
 
-TEXT = """\
-The memory of a language model is spread over its weights, but some of what it knows is plain
-lookup: names, fixed phrases, the next letters of a common word. Engram gives that lookup its own
-place. Every few tokens hash into a large table, the rows found there are gated by the hidden state,
-and the result is added back to the stream. The table can be far larger than the model, because a
-step only reads the rows its n-grams hash to. A small model that no longer spends its layers on
-spelling can spend them on everything else.
-"""
 PAD, BOS, EOS = 0, 1, 2  # bytes are ids 3..258
 BLOCK, BATCH = 64, 16
 
