@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,demo,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,demo,bench,hf]"
 	touch $@
 
 venv: $(STAMP)
@@ -43,7 +43,7 @@ proto: venv
 		protos/memstore/v1/memstore.proto
 
 lint: venv
-	$(BIN)/ruff check memstore engram_client tests bench demo
+	$(BIN)/ruff check memstore engram_client tests bench demo examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -246,6 +246,7 @@ class EngramBlock(nn.Module):
         input_ids: torch.Tensor,
         row_ids: torch.Tensor | None = None,
         state: EngramState | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Engram output for hidden_states (B, T, G, C) or (B, T, C) when hc_mult == 1.
 
@@ -256,6 +257,10 @@ class EngramBlock(nn.Module):
             state: decoding state from `init_state`; the positions continue that sequence and the
                 state is advanced in place (its tensors are replaced, detached). Rows that
                 `prefetch(input_ids, state)` requested are used instead of a new lookup.
+            padding_mask: (B, T), 0 at padding positions (e.g. the left padding of a batch of
+                prompts): their value is zeroed before the ShortConv, so they add nothing to later
+                positions, exactly like the zero context before a sequence starts. Hash padding
+                positions as `config.pad_id` (the caller's job: it also hashes for prefetch).
         Returns the Engram contribution, same shape as hidden_states (add it as a residual).
         """
         squeeze_branch = hidden_states.dim() == 3
@@ -283,6 +288,8 @@ class EngramBlock(nn.Module):
         # signed sqrt keeps the sign but compresses large scores before the sigmoid
         gate = torch.sigmoid(score.abs().clamp_min(1e-6).sqrt() * score.sign()).unsqueeze(-1)  # (B, T, G, 1)
         value = gate * self.value_proj(e).unsqueeze(2)  # (B, T, G, C)
+        if padding_mask is not None:
+            value = value * padding_mask.to(value.device, value.dtype).view(B, T, 1, 1)
         conv_out, conv_cache = self.short_conv(value, None if state is None else state.conv)
         out = value + conv_out  # (B, T, G, C)
 

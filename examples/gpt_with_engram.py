@@ -2,23 +2,38 @@
 
     python examples/gpt_with_engram.py              # train with Engram, then sample
     python examples/gpt_with_engram.py --compare    # same run without Engram, for comparison
+    python examples/gpt_with_engram.py --memstore   # the table on a memstore daemon this script starts
+    python examples/gpt_with_engram.py --memstore HOST:PORT   # ... or on a running daemon
 
 The Engram block sits before attention, as in DeepSeek's demo:
     x = x + engram(x, idx);  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))
-Its tables get sparse gradients and are trained by RowwiseAdam; everything else by AdamW.
+Its tables get sparse gradients and are trained by RowwiseAdam; everything else by AdamW. With
+--memstore the table lives on a memstore daemon instead: its Adam runs on the server, and a
+Prefetcher looks up the rows of batch k+1 while step k computes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from memstore_daemon import local_daemon  # examples/memstore_daemon.py
 from torch import nn
 
-from engram_client import EngramBlock, EngramConfig, RowwiseAdam
+from engram_client import (
+    EngramBlock,
+    EngramConfig,
+    MemStoreClient,
+    MemStoreTables,
+    NgramHasher,
+    Prefetcher,
+    RowwiseAdam,
+)
 
 TEXT = """\
 The memory of a language model is spread over its weights, but some of what it knows is plain
@@ -38,6 +53,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 64
     engram_layer: int | None = 2  # None = a plain GPT
+    memstore: MemStoreClient | None = None  # where the Engram table lives; None = in the model
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,7 +75,8 @@ class Block(nn.Module):
         super().__init__()
         self.engram = None
         if engram_cfg is not None and layer_id in engram_cfg.layer_ids:  # hc_mult=1: hidden states are plain (B, T, C)
-            self.engram = EngramBlock(engram_cfg, layer_id, cfg.n_embd, vocab_size=cfg.vocab_size,
+            tables = memstore_table(cfg, engram_cfg, layer_id)
+            self.engram = EngramBlock(engram_cfg, layer_id, cfg.n_embd, tables=tables, vocab_size=cfg.vocab_size,
                                       zero_init_conv=True, sparse_grads=True)
         self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd), CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
@@ -70,6 +87,15 @@ class Block(nn.Module):
             x = x + self.engram(x, idx)  # (B, T, C): the n-gram memory, gated by x
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+def memstore_table(cfg: GPTConfig, engram_cfg: EngramConfig, layer_id: int) -> MemStoreTables | None:
+    """The layer's table on memstore (created there on first use), or None for a table in the model."""
+    if cfg.memstore is None:
+        return None
+    num_rows = NgramHasher(engram_cfg, vocab_size=cfg.vocab_size).total_rows(layer_id)
+    return MemStoreTables(cfg.memstore, f"gpt_engram_l{layer_id}", num_rows, engram_cfg.head_dim,
+                          optimizer="adam", lr=3e-3)
 
 
 class GPT(nn.Module):
@@ -108,17 +134,25 @@ class GPT(nn.Module):
         return idx
 
 
-def train(use_engram: bool, steps: int, seed: int = 0) -> tuple[GPT, float]:
-    torch.manual_seed(seed)
-    chars = ["<pad>"] + sorted(set(TEXT))  # id 0 pads the n-grams before the first token
-    data = torch.tensor([chars.index(c) for c in TEXT])
-    model = GPT(GPTConfig(vocab_size=len(chars), engram_layer=2 if use_engram else None))
-    opts = model.optimizers()
-    T = model.cfg.block_size
-    for step in range(steps + 1):
+def batches(data: torch.Tensor, T: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for _ in range(steps):
         starts = torch.randint(0, len(data) - T - 1, (16,))
         x = torch.stack([data[s : s + T] for s in starts])  # (B, T)
         y = torch.stack([data[s + 1 : s + T + 1] for s in starts])  # (B, T)
+        yield x, y
+
+
+def train(use_engram: bool, steps: int, seed: int = 0,
+          memstore: MemStoreClient | None = None) -> tuple[GPT, float]:
+    torch.manual_seed(seed)
+    chars = ["<pad>"] + sorted(set(TEXT))  # id 0 pads the n-grams before the first token
+    data = torch.tensor([chars.index(c) for c in TEXT])
+    model = GPT(GPTConfig(vocab_size=len(chars), engram_layer=2 if use_engram else None, memstore=memstore))
+    opts = model.optimizers()
+    loader = batches(data, model.cfg.block_size, steps + 1)
+    if memstore is not None:  # rows of the next batch are fetched while this one computes
+        loader = Prefetcher(loader, model)
+    for step, (x, y) in enumerate(loader):
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         for opt in opts:
             opt.zero_grad(set_to_none=True)
@@ -135,19 +169,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--compare", action="store_true", help="also train the same GPT without Engram")
+    parser.add_argument("--memstore", nargs="?", const="start", metavar="HOST:PORT",
+                        help="the Engram table on memstore: a running daemon, or (no value) one started here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # matrices this small run fastest on one thread
 
-    models = {}
-    for use_engram in [True, False] if args.compare else [True]:
-        print(f"GPT {'with Engram in layer 2' if use_engram else 'without Engram'}:")
-        start = time.perf_counter()
-        models[use_engram], loss = train(use_engram, args.steps)
-        print(f"  final loss {loss:.3f} in {time.perf_counter() - start:.1f} s")
-    model = models[True]
-    prompt = torch.tensor([[model.chars.index(c) for c in "The "]])
-    sample = model.generate(prompt, 120)[0].tolist()
-    print("sample:", repr("".join(model.chars[i] for i in sample)))
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.memstore:
+            target = stack.enter_context(local_daemon()) if args.memstore == "start" else args.memstore
+            client = stack.enter_context(MemStoreClient(target))
+        models = {}
+        for use_engram in [True, False] if args.compare else [True]:
+            where = f", its table on memstore at {client.target}" if client and use_engram else ""
+            print(f"GPT {'with Engram in layer 2' if use_engram else 'without Engram'}{where}:")
+            start = time.perf_counter()
+            models[use_engram], loss = train(use_engram, args.steps, memstore=client)
+            print(f"  final loss {loss:.3f} in {time.perf_counter() - start:.1f} s")
+        model = models[True]
+        prompt = torch.tensor([[model.chars.index(c) for c in "The "]])
+        sample = model.eval().generate(prompt, 120)[0].tolist()
+        print("sample:", repr("".join(model.chars[i] for i in sample)))
 
 
 if __name__ == "__main__":

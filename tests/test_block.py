@@ -137,6 +137,22 @@ def test_state_with_precomputed_rows():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_left_padding_with_padding_mask_equals_the_unpadded_sequence():
+    block = make_block(hc_mult=2)
+    hidden, ids = random_inputs(block, B=1, T=9)
+    pads = 5  # the padding's ids are hashed as pad_id; its hidden states are anything
+    padded_ids = torch.cat([torch.zeros(1, pads, dtype=ids.dtype), ids], dim=1)
+    padded_hidden = torch.cat([torch.randn(1, pads, 2, block.hidden_size), hidden], dim=1)
+    mask = torch.cat([torch.zeros(1, pads), torch.ones(1, 9)], dim=1)
+    with torch.no_grad():
+        alone = block(hidden, ids)
+        padded = block(padded_hidden, padded_ids, padding_mask=mask)
+        unmasked = block(padded_hidden, padded_ids)
+    torch.testing.assert_close(padded[:, pads:], alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unmasked[:, pads:], alone)  # without the mask the conv sees the padding
+    assert torch.equal(padded[:, :pads], torch.zeros_like(padded[:, :pads]))
+
+
 # ---- gradients and state_dict ------------------------------------------------------------------
 @pytest.mark.parametrize("sparse", [False, True])
 def test_gradients_reach_only_looked_up_rows(sparse):
