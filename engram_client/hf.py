@@ -128,7 +128,12 @@ class EngramAdapter:
         # a training forward keeps no state: nothing continues it, and gradient checkpointing
         # re-runs the layers, which must then see the same (empty) history again
         keep_state = cache is not None or (bool(use_cache) and not (module.training and torch.is_grad_enabled()))
-        self._call = _Call(ids, padding, self._record_for(cache, keep_state, ids))
+        record = self._record_for(cache, keep_state, ids)
+        if record is not None:  # decoding: every block's rows travel while the layers below run
+            with torch.no_grad():
+                for layer_id, block in self.blocks.items():
+                    block.prefetch(ids, record.states[layer_id])
+        self._call = _Call(ids, padding, record)
 
     def _check_checkpointing(self) -> None:
         """transformers 5 checkpoints a layer's `forward`, so the Engram hook runs once, outside the

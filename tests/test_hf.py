@@ -80,6 +80,19 @@ def test_generate_with_the_state_equals_recomputing_the_full_sequence(family):
     torch.testing.assert_close(cached_scores, full_scores, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_starts_every_layers_lookup_at_model_entry():
+    """Each forward of generate() with host tables: every block's rows were requested before
+    the forward reached it (EntryPrefetch's path), and the tokens equal recomputation."""
+    model, engram = engram_model(tables="host")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    cached, cached_scores = greedy(model, ids)
+    sources = engram.remote_tables()
+    assert len(sources) == 2 and all(t.stats.requested_ahead == t.stats.lookups == 6 for t in sources)
+    full, full_scores = greedy(model, ids, use_cache=False)
+    assert torch.equal(cached, full)
+    torch.testing.assert_close(cached_scores, full_scores, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padded_batch_generates_as_each_prompt_alone():
     model, _ = engram_model()
     prompts = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5)]
