@@ -76,7 +76,7 @@ class BenchConfig:
     e2e_batch: int = 16
     # Decode: generation throughput, rounds interleave the variants.
     decode_shape: DecodeShape = field(default_factory=DecodeShape)
-    decode_rounds: int = 2
+    decode_rounds: int = 3
     # Scaling: shard counts over loopback, each a `memstore serve` process.
     shard_counts: tuple[int, ...] = (1, 2, 4)
     scaling_sizes: tuple[int, ...] = (65536, 524288)
