@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Self, TypeVar
@@ -30,19 +29,20 @@ import grpc
 import numpy as np
 
 from memstore import shm
-from memstore.cluster import resolve_targets, spec_or_env, token_or_env
-from memstore.connection import Retrying
+from memstore.cluster import single_target, token_or_env
+from memstore.connection import Retrying, TlsConfig
 from memstore.connection import as_error as _as_error
 from memstore.dtypes import storage_dtype
 from memstore.errors import FailedPrecondition, MemStoreError
 from memstore.protocol import (
     CHUNK_BYTES,
     PB_TO_DTYPE,
+    TableInfo,
     as_row_grads,
     as_row_ids,
-    spec_from_pb,
     spec_to_pb,
     sum_duplicates,
+    table_info,
 )
 from memstore.same_host import LmdbView, SharedView, open_view
 from memstore.spec import InitSpec, OptimizerSpec, TableSpec
@@ -59,38 +59,6 @@ MIN_IDS_PER_CALL = 1 << 16
 # thread, since a hand-off to a pool thread costs more and the two threads then contend for the
 # GIL (decoding with entry prefetch measured 1.7x slower with the hand-off, bench decode --quick).
 INLINE_GATHER_ROWS = 1 << 14
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """PEM files: `ca_cert` verifies the server; `client_cert`/`client_key` for mutual TLS."""
-    ca_cert: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    server_name: str | None = None  # override the name checked against the certificate
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        read = lambda p: Path(p).read_bytes() if p else None
-        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
-
-
-@dataclass(frozen=True)
-class TableInfo:
-    spec: TableSpec            # num_rows is the global table size; shard fields say which shard answered
-    rows_materialized: int
-    bytes_used: int
-    lookups: int
-    updates: int
-    bytes_reserved: int = 0    # claimed: RAM dense arrays, LMDB map (see memstore.memory)
-    bytes_resident: int = 0    # in memory now
-
-
-def table_info(msg: pb.TableInfo) -> TableInfo:
-    spec = spec_from_pb(msg.spec)
-    if msg.shard_count > 1:
-        spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
-    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates, msg.bytes_reserved,
-                     msg.bytes_resident)
 
 
 class MemStoreClient:
@@ -123,7 +91,7 @@ class MemStoreClient:
         self._views_swept = 0.0
         self._staging_name = f"{uuid.uuid4().hex}.buf"  # this client's file for staged Update payloads
         self._staged: set[Path] = set()
-        self.target = target = _single_target(target)
+        self.target = target = single_target(target)
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
         self._retrying = Retrying(target, tls=bool(tls))
@@ -528,14 +496,3 @@ def completed(fn: Callable[..., T], *args) -> Future:
     except Exception as exc:  # noqa: BLE001 - handed to whoever calls .result(), like a pool does
         done.set_exception(exc)
     return done
-
-
-def _single_target(target: str | None) -> str:
-    """The one target this client talks to: `target`, or `MEMSTORE_TARGET` when it names one shard."""
-    if target is not None:
-        return target
-    targets = resolve_targets(spec_or_env(None))
-    if len(targets) > 1:
-        raise ValueError(f"MEMSTORE_TARGET names {len(targets)} shards; MemStoreClient talks to one: "
-                         "use engram_client.ShardedClient() or connect() for a cluster")
-    return targets[0]

@@ -155,3 +155,14 @@ def _is_target(target: str) -> bool:
         return len(target) > target.index(":") + 1
     match = _HOST_PORT_RE.match(target)
     return match is not None and 0 < int(match["port"]) < 65536
+
+
+def single_target(target: str | None) -> str:
+    """The one target this client talks to: `target`, or `MEMSTORE_TARGET` when it names one shard."""
+    if target is not None:
+        return target
+    targets = resolve_targets(spec_or_env(None))
+    if len(targets) > 1:
+        raise ValueError(f"MEMSTORE_TARGET names {len(targets)} shards; MemStoreClient talks to one: "
+                         "use engram_client.ShardedClient() or connect() for a cluster")
+    return targets[0]

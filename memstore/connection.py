@@ -19,6 +19,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -128,3 +130,16 @@ def speaks_tls(target: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
             return True
     except (OSError, ValueError):   # ssl.SSLError is an OSError: a plaintext server, or nobody
         return False
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files: `ca_cert` verifies the server; `client_cert`/`client_key` for mutual TLS."""
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    server_name: str | None = None  # override the name checked against the certificate
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p else None
+        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))

@@ -5,6 +5,8 @@ module and nothing of each other, so the client never pulls in server internals.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from memstore.errors import InvalidArgument
@@ -84,3 +86,22 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     summed = sorted_grads[is_first]                                         # (U, dim)
     np.add.at(summed, segment[~is_first], sorted_grads[~is_first])
     return sorted_ids[is_first], summed
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    spec: TableSpec            # num_rows is the global table size; shard fields say which shard answered
+    rows_materialized: int
+    bytes_used: int
+    lookups: int
+    updates: int
+    bytes_reserved: int = 0    # claimed: RAM dense arrays, LMDB map (see memstore.memory)
+    bytes_resident: int = 0    # in memory now
+
+
+def table_info(msg: pb.TableInfo) -> TableInfo:
+    spec = spec_from_pb(msg.spec)
+    if msg.shard_count > 1:
+        spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
+    return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates, msg.bytes_reserved,
+                     msg.bytes_resident)
