@@ -35,17 +35,21 @@ class Lookahead:
 
     block: EngramBlock  # the block that requested them: only its forward may use them
     input_ids: torch.Tensor  # (B, T) the very tensor the rows were requested for
-    version: int  # input_ids._version then: an in-place change since means "other tokens"
+    version: int | None  # input_ids._version then (an in-place change since means other tokens);
+    # None for inference tensors (torch.inference_mode), which keep no version: compared by value
     row_ids: torch.Tensor  # (B, T, H) their hashed rows (from the state's history at request time)
     handle: object | None  # the table source's `prefetch` handle; None for local rows
 
     def matches(self, block: EngramBlock, input_ids: torch.Tensor) -> bool:
         """For this block and these tokens? The same unchanged tensor needs no comparison (no
         device sync on a GPU); another tensor is compared by value."""
-        if block is not self.block or self.input_ids._version != self.version:
-            return False  # another block's, or its tokens were changed in place since
-        if input_ids is self.input_ids:
-            return True
+        if block is not self.block:
+            return False
+        if self.version is not None:
+            if self.input_ids._version != self.version:
+                return False  # its tokens were changed in place since
+            if input_ids is self.input_ids:
+                return True
         return input_ids.shape == self.input_ids.shape and torch.equal(
             input_ids, self.input_ids.to(input_ids.device))
 
@@ -230,7 +234,8 @@ class EngramBlock(nn.Module):
         if not isinstance(state, EngramState):
             raise TypeError(f"prefetch needs this block's EngramState, got {type(state).__name__}")
         row_ids = self.row_ids(input_ids, state)  # (B, T, H)
-        state.lookahead = Lookahead(self, input_ids, input_ids._version, row_ids, self.tables.prefetch(row_ids))
+        version = None if input_ids.is_inference() else input_ids._version
+        state.lookahead = Lookahead(self, input_ids, version, row_ids, self.tables.prefetch(row_ids))
 
     def _take_lookahead(self, input_ids: torch.Tensor, state: EngramState | None) -> Lookahead | None:
         lookahead = None if state is None else state.lookahead

@@ -19,6 +19,7 @@ How it hooks in (nothing of transformers is patched; the model's own weights kee
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -74,13 +75,21 @@ class EngramAdapter:
     def __init__(self, model: nn.Module, config: EngramConfig, blocks: dict[int, EngramBlock],
                  layers: nn.ModuleList) -> None:
         self.model, self.config, self.blocks = model, config, blocks
-        self._call: _Call | None = None
+        self._local = threading.local()  # the forward in progress, per thread: threads may share a model
         base = getattr(model, "base_model", model)
         self._handles = [base.register_forward_pre_hook(self._begin, with_kwargs=True),
                          base.register_forward_hook(self._end, with_kwargs=True)]
         self._handles += [layers[layer_id].register_forward_pre_hook(self._before_layer, with_kwargs=True)
                           for layer_id in blocks]
         self._layers = layers
+
+    @property
+    def _call(self) -> _Call | None:
+        return getattr(self._local, "call", None)
+
+    @_call.setter
+    def _call(self, call: _Call | None) -> None:
+        self._local.call = call
 
     # ---- training helpers -------------------------------------------------------------------
 

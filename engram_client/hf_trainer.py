@@ -13,7 +13,9 @@ The callback alone works with any Trainer (no prefetch then):
   memstore servers' disks, or in the host store's data dir);
 - `on_train_begin` of a resumed run: the tables roll back to the record of the checkpoint the
   Trainer resumed from, so dense weights and tables continue from the same step;
-- `on_train_end`: every table step is applied before `train()` returns.
+- `on_train_end`: every table step is applied before `train()` returns; with
+  `load_best_model_at_end`, the tables roll back to the best checkpoint's record, as the dense
+  weights do.
 Local tables are ordinary parameters: the Trainer saves and restores them itself.
 """
 from __future__ import annotations
@@ -62,6 +64,10 @@ class EngramCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self.engram.flush()
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best and self.engram.remote_tables():
+            # the Trainer has just loaded the best checkpoint's dense weights: the tables follow
+            restore_tables(self.engram.model, json.loads((Path(best) / TABLES_FILE).read_text()))
 
 
 def checkpoint_dir(args, step: int) -> Path:

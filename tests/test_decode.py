@@ -289,3 +289,11 @@ def test_small_same_host_lookups_are_done_at_once_and_never_block_on_a_dead_daem
         with pytest.raises(Exception):  # noqa: B017 - Unavailable after the retries, or a stale mapping
             future.result(timeout=30)
         client.close()
+
+
+def test_entry_prefetch_under_inference_mode():
+    model = make_model(lambda layer: HostTables(HASHER.total_rows(layer), ENGRAM.head_dim, name=f"l{layer}"))
+    reqs = requests(3)
+    expected = serve(model, reqs, 2).tokens
+    with torch.inference_mode():  # inference tensors keep no version counter: compared by value
+        assert serve(model, reqs, 2).tokens == expected

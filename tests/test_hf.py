@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,36 @@ def test_generate_starts_every_layers_lookup_at_model_entry():
     full, full_scores = greedy(model, ids, use_cache=False)
     assert torch.equal(cached, full)
     torch.testing.assert_close(cached_scores, full_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_under_inference_mode_equals_no_grad():
+    model, _ = engram_model(tables="host")
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    expected, _ = greedy(model, ids)
+    with torch.inference_mode():  # inference tensors keep no version counter
+        tokens, _ = greedy(model, ids)
+    assert torch.equal(tokens, expected)
+
+
+def test_threads_sharing_a_model_each_get_their_own_forward():
+    import threading
+    model, _ = engram_model()
+    inputs = [torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    with torch.no_grad():
+        expected = [model(ids).logits for ids in inputs]
+    wrong = []
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            for _ in range(20):
+                if not torch.allclose(model(inputs[k]).logits, expected[k], atol=1e-6):
+                    wrong.append(k)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
 
 
 def test_left_padded_batch_generates_as_each_prompt_alone():
@@ -267,3 +298,20 @@ def test_trainer_checkpoints_the_memstore_tables_and_resumes_them(tmp_path):
         _, resumed = run(resume=str(tmp_path / "out" / "checkpoint-6"))
         assert [s.step for s in resumed.remote_tables()] == [8, 8]
         np.testing.assert_allclose(client.lookup("engram_l1", np.arange(400)), rows_after_8, atol=1e-6)
+
+
+def test_load_best_model_at_end_rolls_the_tables_back_with_the_dense_weights(tmp_path):
+    model = tiny_model(seed=0)
+    engram = add_engram(model, ENGRAM, tables="host", table_args={"optimizer": "sgd", "lr": 0.5})
+    rows = [{k: v[i] for k, v in batch.items()} for batch in batches(4) for i in range(8)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, save_steps=2, eval_strategy="steps",
+        eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        greater_is_better=True,  # the step-2 checkpoint is "best" (the loss falls)
+        report_to=[], use_cpu=True, disable_tqdm=True, learning_rate=1e-2, seed=0)
+    trainer = EngramTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:8], engram=engram)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")
+    record = json.loads((Path(best) / TABLES_FILE).read_text())["tables"]
+    assert all(s.step == record[s.name]["step"] == 2 for s in engram.remote_tables())
