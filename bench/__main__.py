@@ -65,7 +65,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if args.dtypes:
         changes["dtypes"] = tuple(args.dtypes.split(","))
     if args.rounds:
-        changes["rounds"] = args.rounds
+        changes.update(rounds=args.rounds, decode_rounds=args.rounds)
     if args.e2e_steps:
         changes["e2e_steps"] = args.e2e_steps
     if args.no_plots:

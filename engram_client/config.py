@@ -56,6 +56,9 @@ class EngramConfig:
             raise ValueError(f"layer_ids must be distinct, got {self.layer_ids}")
         if self.kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if isinstance(self.pad_id, bool) or not isinstance(self.pad_id, int) or self.pad_id < 0:
+            raise ValueError(f"pad_id must be a token id (an int >= 0), got {self.pad_id!r}: a model without a "
+                             "pad token can use its eos token id (what fills positions before a sequence starts)")
 
     @property
     def num_heads(self) -> int:

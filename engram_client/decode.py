@@ -7,10 +7,10 @@ or decode step); each block then waits only for what has not arrived by the time
 below it are done. This is how the paper keeps a host-DRAM table within 2-3 % of local tables at
 inference (its Table 4).
 
-    entry = EntryPrefetch(model)                    # finds the model's EngramBlocks, in order
-    states = entry.init_states(batch_size)          # one EngramState per block (per-sequence rows)
-    entry.start(prompt, states)                     # first thing in the model's forward
-    logits = model(prompt, engram_states=states)    # each block: block(x, ids, state=its state)
+    model.entry = EntryPrefetch(model)              # finds the model's EngramBlocks, in order
+    states = model.entry.init_states(batch_size)    # one EngramState per block (per-sequence rows)
+    logits = model(prompt, engram_states=states)    # its forward calls model.entry.start(ids, states)
+                                                    # first, then each block(x, ids, state=its state)
 
 Sequences join and leave between steps (continuous batching) by re-batching the states:
 `select_states(states, keep)` and `cat_states([running, joined])`. Any table source works: local
@@ -71,7 +71,13 @@ def select_states(states: list[EngramState], index: torch.Tensor | list[int]) ->
 
 
 def cat_states(groups: list[list[EngramState]]) -> list[EngramState]:
-    """One list of per-block states from several groups of sequences (e.g. running + joining)."""
+    """One list of per-block states from several groups of sequences (e.g. running + joining);
+    every group holds one state per block, in the same block order."""
+    if len({len(group) for group in groups}) > 1:
+        raise ValueError(f"every group needs one state per Engram block, got {[len(g) for g in groups]}")
+    for per_block in zip(*groups):
+        if len({tuple(s.conv.shape[1:]) for s in per_block}) > 1:
+            raise ValueError("groups list their blocks' states in different orders (ShortConv shapes differ)")
     return [EngramState.cat(list(per_block)) for per_block in zip(*groups)]
 
 

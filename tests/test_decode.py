@@ -297,3 +297,18 @@ def test_entry_prefetch_under_inference_mode():
     expected = serve(model, reqs, 2).tokens
     with torch.inference_mode():  # inference tensors keep no version counter: compared by value
         assert serve(model, reqs, 2).tokens == expected
+
+
+def test_cat_states_refuses_groups_that_do_not_line_up():
+    model = make_model(lambda layer: None)
+    two = model.entry.init_states(2)
+    with pytest.raises(ValueError, match="one state per Engram block"):
+        cat_states([two, two[:1]])
+    with pytest.raises(ValueError, match="different orders"):
+        odd = EngramBlock(ENGRAM, 2, 8, hasher=HASHER).init_state(1)  # another block's shape
+        cat_states([two, [two[0], odd]])
+
+
+def test_engram_config_needs_a_pad_token_id():
+    with pytest.raises(ValueError, match="pad_id must be a token id"):
+        EngramConfig(engram_vocab_size=[211, 223], layer_ids=[1], pad_id=None)
