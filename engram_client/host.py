@@ -91,7 +91,7 @@ class InProcessStore:
     @staticmethod
     def _info(view) -> TableInfo:
         return TableInfo(view.spec, view.rows_materialized, view.bytes_used, view.counters.lookups,
-                         view.counters.updates, view.bytes_reserved, view.bytes_resident)
+                         view.counters.updates, view.bytes_reserved, view.bytes_resident, view.checkpoints)
 
     def close(self) -> None:
         self._closed = True
