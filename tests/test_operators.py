@@ -9,10 +9,13 @@ import json
 import logging
 import os
 import pty
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -22,8 +25,17 @@ from engram_client.cluster import connect
 from engram_client.sharded import ShardedClient
 from memstore import cli
 from memstore.client import MemStoreClient, TlsConfig
+from memstore.cluster import host_port
 from memstore.config import ConfigError, ServerConfig, build_config
-from memstore.errors import NotFound, Unauthenticated, Unavailable
+from memstore.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from memstore.server import bind_failure
 from tests.servers import in_process
 from tests.test_security import pki  # noqa: F401 -- the module-scoped PKI fixture
 
@@ -138,7 +150,6 @@ def test_demo_passes_its_token_to_the_shards(tmp_path):
 # ---- item 5: retries that say what they do --------------------------------------------------
 
 def free_port() -> int:
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -191,6 +202,43 @@ def test_a_tls_mismatch_fails_at_once(tmp_path, pki):  # noqa: F811 -- the fixtu
             MemStoreClient(srv.target, tls=TlsConfig(ca_cert=str(pki.ca)), retry_timeout_s=60) as client, \
             pytest.raises(Unavailable, match="TLS handshake failed"):
         client.list_tables()   # TLS client, plaintext server
+
+
+def test_a_missed_deadline_is_deadline_exceeded_not_internal(tmp_path, capsys):
+    with in_process(tmp_path / "d", fault_lookup_delay_ms=1000) as srv, \
+            MemStoreClient(srv.target, timeout_s=0.2, shared_memory="off") as client:
+        client.create_table("t", 10, 2)
+        with pytest.raises(DeadlineExceeded) as raised:
+            client.lookup("t", [1])
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and not getattr(raised.value, "retryable", False)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_serve_listens_on_an_ipv6_host(tmp_path, host):
+    with in_process(tmp_path / "d", host=host, metrics_port=0) as srv, \
+            MemStoreClient(f"[::1]:{srv.port}", shared_memory="off") as client:
+        client.create_table("t", 10, 2)
+        assert [t.spec.name for t in client.list_tables()] == ["t"]
+        with urllib.request.urlopen(f"http://[::1]:{srv.server.metrics_port}/metrics", timeout=10) as page:
+            assert b"memstore_table_rows_materialized" in page.read()
+
+
+def test_bind_addresses_bracket_ipv6_and_blame_tls_only_with_tls():
+    hosts = ("::1", "[::1]", "fd00::2", "127.0.0.1", "memstore-0.svc")
+    assert [host_port(h, 5) for h in hosts] == ["[::1]:5", "[::1]:5", "[fd00::2]:5", "127.0.0.1:5", "memstore-0.svc:5"]
+    port = free_port()   # the OS binds it: gRPC's refusal is all there is to say
+    assert bind_failure("127.0.0.1", port) == "gRPC refused it"
+    assert "tls_cert and tls_key" in bind_failure("127.0.0.1", port, tls=True)
 
 
 # ---- item 10: safe defaults -----------------------------------------------------------------
