@@ -169,10 +169,10 @@ class Shards:
         infos = self.each(lambda client: client.describe_table(name))
         lacking = [i for i, info in enumerate(infos) if tag not in info.checkpoints]
         if lacking:
-            has = "; ".join(f"{shard_name(i, self.targets[i])} has: {', '.join(infos[i].checkpoints) or 'none'}"
+            where = self.targets[0] if len(self) == 1 else self.names(lacking)
+            has = "; ".join(f"{'it' if len(self) == 1 else f'shard {i}'} has: {', '.join(infos[i].checkpoints) or 'none'}"
                             for i in lacking)
-            raise NotFound(f"checkpoint {tag!r} of table {name!r} is missing on {self.names(lacking)} "
-                           f"({has}): nothing was restored")
+            raise NotFound(f"table {name!r} has no checkpoint {tag!r} on {where} ({has}): nothing was restored")
 
     def restore(self, name: str, tag: str, **restore_args: Any) -> list[str]:
         """Roll every shard's part of `name` back to checkpoint `tag` (the paths, in shard order),

@@ -181,8 +181,8 @@ def test_restore_rolls_back_every_shard_or_none(two_shards, capsys):
         client.update("rt", ids, np.ones((10, 4), np.float32))         # rows -0.02
         code, out, err = run_cli(capsys, "restore", "rt", "--tag", "only0", "--target", spec)
         assert code == 1 and out == "" and "NOT_FOUND" in err and "nothing was restored" in err
-        assert f"missing on shard 1 ({two_shards[1]}) (shard 1 ({two_shards[1]}) has: none)" in err
-        with pytest.raises(NotFound, match=rf"missing on shard 1 \({two_shards[1]}\)"):
+        assert f"no checkpoint 'only0' on shard 1 ({two_shards[1]}) (shard 1 has: none)" in err
+        with pytest.raises(NotFound, match=rf"no checkpoint 'only0' on shard 1 \({two_shards[1]}\)"):
             client.restore("rt", "only0")
         np.testing.assert_allclose(client.lookup("rt", ids), -0.02)   # no shard was rolled back
         client.snapshot("rt", tag="both")
