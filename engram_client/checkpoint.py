@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from engram_client.remote import RemoteTables
+from engram_client.sharded import ShardedClient
+from memstore.errors import NotFound
 
 RECORD_FORMAT = "engram-tables/1"
 
@@ -58,7 +60,8 @@ def checkpoint_tables(model: nn.Module) -> dict[str, Any]:
 def restore_tables(model: nn.Module, record: dict[str, Any]) -> None:
     """Roll every shard of every remote table of `model` back to `record` (from
     `checkpoint_tables`) and continue numbering steps from there. Raises NOT_FOUND (a
-    `memstore.errors.NotFound`) if a shard lacks the checkpoint."""
+    `memstore.errors.NotFound`) naming them if some shards lack a checkpoint: checked for every
+    table first, so then nothing is rolled back."""
     if record.get("format") != RECORD_FORMAT:
         raise ValueError(f"not a table checkpoint record (format {record.get('format')!r}, expected {RECORD_FORMAT!r})")
     sources = remote_tables(model)
@@ -66,10 +69,24 @@ def restore_tables(model: nn.Module, record: dict[str, Any]) -> None:
     if missing:
         raise ValueError(f"the record has no checkpoint of table(s) {missing}; it holds {sorted(record['tables'])}")
     for source in sources:
+        check_checkpoint(source.store, source.name, record["tables"][source.name]["tag"])
+    for source in sources:
         entry = record["tables"][source.name]
         source.steps.drain()  # an update still travelling must not land after the restore
         source.store.restore(source.name, entry["tag"], job=source.job)
         source.reset_step(entry["step"])
+
+
+def check_checkpoint(store, name: str, tag: str) -> None:
+    """NOT_FOUND unless every shard of table `name` has checkpoint `tag` (naming the shards that
+    lack it where the store is sharded)."""
+    if isinstance(store, ShardedClient):
+        store.check_checkpoint(name, tag)
+        return
+    have = store.describe_table(name).checkpoints
+    if tag not in have:
+        raise NotFound(f"table {name!r} has no checkpoint {tag!r} (it has: {', '.join(have) or 'none'}): "
+                       "nothing was restored")
 
 
 class TableLR(torch.optim.Optimizer):

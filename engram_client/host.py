@@ -18,7 +18,7 @@ from engram_client.remote import RemoteTables
 from memstore.backends import open_backend
 from memstore.client import INLINE_GATHER_ROWS, Job, StepOrder, TableInfo, completed
 from memstore.protocol import as_row_grads, as_row_ids
-from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.spec import table_spec
 from memstore.store import Store
 
 
@@ -36,8 +36,8 @@ class InProcessStore:
     def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
                      init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
                      if_not_exists: bool = False, **optimizer_args: float) -> TableInfo:
-        spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
-                         OptimizerSpec(optimizer, lr, optimizer_args))
+        spec = table_spec(name, num_rows, dim, dtype=dtype, init=init, init_scale=init_scale, seed=seed,
+                          optimizer=optimizer, lr=lr, **optimizer_args)
         return self._info(self.store.create_table(spec, if_not_exists))
 
     def describe_table(self, name: str) -> TableInfo:
@@ -91,7 +91,7 @@ class InProcessStore:
     @staticmethod
     def _info(view) -> TableInfo:
         return TableInfo(view.spec, view.rows_materialized, view.bytes_used, view.counters.lookups,
-                         view.counters.updates, view.bytes_reserved, view.bytes_resident)
+                         view.counters.updates, view.bytes_reserved, view.bytes_resident, view.checkpoints)
 
     def close(self) -> None:
         self._closed = True

@@ -52,27 +52,41 @@ class ShardedClient:
     # ---- tables -------------------------------------------------------------------------------
 
     def create_table(self, name: str, num_rows: int, dim: int, **kwargs) -> TableInfo:
-        """Checks every server's place in the cluster first: a wrong target list creates nothing."""
-        self._cluster.check_layout()
-        return self._cluster.merge(self._cluster.each(lambda c: c.create_table(name, num_rows, dim, **kwargs)))
+        """Checks every shard first: a wrong target list, or a shard holding the table with another
+        spec (or at all, without `if_not_exists`), creates nothing (`memstore.shards.Shards`)."""
+        return self._cluster.create_table(name, num_rows, dim, **kwargs)
 
     def describe_table(self, name: str) -> TableInfo:
+        """The whole table; NOT_FOUND names a shard that lacks it, FAILED_PRECONDITION shards
+        whose specs differ."""
         return self._cluster.merge(self._cluster.each(lambda c: c.describe_table(name)))
 
     def list_tables(self) -> list[TableInfo]:
+        """Every table, each as `describe_table` shows it; NOT_FOUND names the table and the shards
+        that lack it when one is not on every shard (`memstore ls` lists it with a warning)."""
         per_shard = self._cluster.each(lambda c: {t.spec.name: t for t in c.list_tables()})
-        names = sorted(set().union(*per_shard))
-        return [self._cluster.merge([tables[n] for tables in per_shard if n in tables]) for n in names]
+        by_name = {n: [tables.get(n) for tables in per_shard] for n in sorted(set().union(*per_shard))}
+        for name, infos in by_name.items():
+            if None in infos:
+                raise self._cluster.missing(name, infos)
+        return [self._cluster.merge(infos) for infos in by_name.values()]
 
     def drop_table(self, name: str) -> None:
-        self._cluster.each(lambda c: c.drop_table(name))
+        """Drop the table everywhere; a shard that does not answer drops nothing anywhere, a shard
+        that has already lost the table (a partial drop, re-run) is skipped."""
+        self._cluster.drop_table(name)
 
     def snapshot(self, name: str = "", *, tag: str = "") -> list[str]:
         return [p for paths in self._cluster.each(lambda c: c.snapshot(name, tag=tag)) for p in paths]
 
+    def check_checkpoint(self, name: str, tag: str) -> None:
+        """NOT_FOUND naming the shards that lack table `name` or its checkpoint `tag`."""
+        self._cluster.check_checkpoint(name, tag)
+
     def restore(self, name: str, tag: str, *, job: Job | None = None) -> list[str]:
-        """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND if a shard lacks it."""
-        return self._cluster.each(lambda c: c.restore(name, tag, job=job))
+        """Roll every shard's part of `name` back to checkpoint `tag`; NOT_FOUND naming the shards
+        that lack it, checked first, restores none."""
+        return self._cluster.restore(name, tag, job=job)
 
     # ---- data path ----------------------------------------------------------------------------
 

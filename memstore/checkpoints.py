@@ -71,6 +71,10 @@ class Checkpoints:
         current = self._current.get(name)
         return current is not None and current[0] == tag and current[1]() is table and current[2] == table.version
 
+    def tags(self, name: str) -> list[str]:
+        """The tags of table `name`'s complete checkpoints, oldest first."""
+        return [tag for _, tag, _ in list_checkpoints(self.root / name)]
+
     def find(self, name: str, tag: str) -> Path | None:
         matches = [path for _, t, path in list_checkpoints(self.root / name) if t == tag]
         return matches[-1] if matches else None
@@ -104,9 +108,8 @@ class Checkpoints:
         with self._lock(name):
             path = self.find(name, tag)
             if path is None:
-                have = [t for _, t, _ in list_checkpoints(self.root / name)]
                 raise NotFound(f"table {name!r} has no checkpoint {tag!r} on this server "
-                               f"(it has: {', '.join(have) or 'none'})")
+                               f"(it has: {', '.join(self.tags(name)) or 'none'})")
             if self._is_current(name, tag, table):
                 return path, False
             snap = read_snapshot(path)  # verifies the checksums: never roll back to a damaged copy

@@ -102,39 +102,51 @@ def optimizer_arg(text: str) -> tuple[str, float]:
 
 
 def cmd_create_table(args) -> int:
-    with _client(args) as shards:
-        shards.check_layout()  # a misordered --target list creates nothing
-        info = shards.merge(shards.each(lambda client: client.create_table(
+    with _client(args) as shards:  # every shard is asked first: a misordered list, a clash, creates nothing
+        info = shards.create_table(
             args.name, args.rows, args.dim, dtype=args.dtype, init=args.init, init_scale=args.init_scale,
             seed=args.seed, optimizer=args.optimizer, lr=args.lr, if_not_exists=args.if_not_exists,
-            **dict(args.optimizer_arg))))
+            **dict(args.optimizer_arg))
     print(_table_line(info) + _on_shards(shards))
     return 0
 
 
 def cmd_ls(args) -> int:
-    """One line per table: usage summed over the shards, and on how many shards it exists."""
+    """One line per table: usage summed over the shards, and on how many shards it exists. A table
+    missing on some shards, or whose specs differ between shards, is listed with a warning naming them."""
+    from memstore.errors import FailedPrecondition
     with _client(args) as shards:
         per_shard = shards.each(lambda client: {t.spec.name: t for t in client.list_tables()})
     tables = {name: [tables.get(name) for tables in per_shard] for name in sorted(set().union(*per_shard))}
+    views, warnings = {}, []
+    for name, infos in tables.items():
+        if None in infos:
+            warnings.append(f"table {name} is missing on {shards.names([i for i, t in enumerate(infos) if t is None])}")
+        try:
+            views[name] = _table_dict(infos, shards.targets)
+        except FailedPrecondition as exc:  # one broken table must not hide the others
+            views[name] = {"name": name, "error": exc.message}
+            warnings.append(exc.message)
     if args.json:
-        print(json.dumps([_table_dict(infos, shards.targets) for infos in tables.values()], indent=2))
-        return 0
-    # USED: materialised rows + state; RESIDENT: in memory now; RESERVED: claimed (memstore.memory)
-    print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} {'USED':>10} "
-          f"{'RESIDENT':>10} {'RESERVED':>10} {'SHARDS':>6}")
-    for infos in tables.values():
-        t = _merged(infos)
-        s = t.spec
-        print(f"{s.name:24} {s.num_rows:>14} {s.dim:>5} {s.dtype:9} {s.optimizer.kind + f'({s.optimizer.lr:g})':16} "
-              f"{t.rows_materialized:>13} {_human(t.bytes_used):>10} {_human(t.bytes_resident):>10} "
-              f"{_human(t.bytes_reserved):>10} {_present(infos):>6}")
-    missing = {name: [i for i, info in enumerate(infos) if info is None] for name, infos in tables.items()}
-    for name, absent in missing.items():
-        if absent:
-            print(f"warning: table {name} is missing on shard(s) "
-                  f"{', '.join(f'{i} ({shards.targets[i]})' for i in absent)}", file=sys.stderr)
+        print(json.dumps(list(views.values()), indent=2))
+    else:
+        # USED: materialised rows + state; RESIDENT: in memory now; RESERVED: claimed (memstore.memory)
+        print(f"{'TABLE':24} {'ROWS':>14} {'DIM':>5} {'DTYPE':9} {'OPTIMIZER':16} {'MATERIALIZED':>13} "
+              f"{'USED':>10} {'RESIDENT':>10} {'RESERVED':>10} {'SHARDS':>6}")
+        for name, view in views.items():
+            print(_ls_line(view) + f" {_present(tables[name]):>6}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _ls_line(t: dict) -> str:
+    if "error" in t:
+        return f"{t['name']:24} {'(specs differ between shards: see the warning)':<94}"
+    optimizer = f"{t['optimizer']['kind']}({t['optimizer']['lr']:g})"
+    return (f"{t['name']:24} {t['num_rows']:>14} {t['dim']:>5} {t['dtype']:9} {optimizer:16} "
+            f"{t['rows_materialized']:>13} {_human(t['bytes_used']):>10} {_human(t['bytes_resident']):>10} "
+            f"{_human(t['bytes_reserved']):>10}")
 
 
 def cmd_describe(args) -> int:
@@ -168,8 +180,9 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    """Every shard rolls back, or none: a shard that lacks the tag is named before any is restored."""
     with _client(args) as shards:
-        for path in shards.each(lambda client: client.restore(args.name, args.tag)):
+        for path in shards.restore(args.name, args.tag):
             print(path)
     return 0
 
@@ -180,9 +193,10 @@ def cmd_drop_table(args) -> int:
         print(f"memstore drop-table: not dropped: pass --yes to drop {args.name} "
               "(its rows, snapshots and checkpoints on every shard)", file=sys.stderr)
         return 1
-    with _client(args) as shards:
-        shards.each(lambda client: client.drop_table(args.name))
-    print(f"dropped {args.name}" + _on_shards(shards))
+    with _client(args) as shards:  # a shard that does not answer: nothing is dropped anywhere
+        absent = shards.drop_table(args.name)
+        already = f"; already dropped on {shards.names(absent)}" if absent else ""
+    print(f"dropped {args.name}" + (f" (on {len(shards)} shards{already})" if len(shards) > 1 else ""))
     return 0
 
 
@@ -237,23 +251,26 @@ def _stats_dict(stats) -> dict:
             "process_resident_bytes": stats.process_resident_bytes, "process_virtual_bytes": stats.process_virtual_bytes,
             "ram_max_bytes": stats.ram_max_bytes,
             "counters": {k: int(v) if float(v).is_integer() else v for k, v in sorted(stats.counters.items())},
-            "tables": [{**(info := table_info(t)).spec.to_dict(), **_usage(info)} for t in stats.tables]}
-
-
-def _merged(infos: list):
-    """One view of a table from the shards that have it (None: a shard that lacks it)."""
-    from memstore.shards import merge_infos
-    return merge_infos([info for info in infos if info is not None])
+            "tables": [{**(info := table_info(t)).spec.to_dict(), **_usage_and_tags(info)} for t in stats.tables]}
 
 
 def _table_dict(infos: list, targets: list[str]) -> dict:
-    """Spec and summed usage, and with several shards each one's usage (null where it lacks the table)."""
-    merged = _merged(infos)
-    out = {**merged.spec.to_dict(), **_usage(merged)}
+    """One server: its view (its own shard_index/shard_count). Several: the table's spec with
+    shard_count = the number of shards, usage summed, the checkpoint tags on every shard, and each
+    shard's usage and tags ("missing" where it lacks the table)."""
+    from memstore.shards import merge_infos
+    merged = merge_infos(infos, targets)
+    out = {**merged.spec.to_dict(), **_usage_and_tags(merged)}
     if len(targets) > 1:
-        out["shards"] = [{"shard": index, "target": target, **(_usage(info) if info else {"missing": True})}
+        del out["shard_index"]
+        out["shard_count"] = len(targets)
+        out["shards"] = [{"shard": index, "target": target, **(_usage_and_tags(info) if info else {"missing": True})}
                          for index, (target, info) in enumerate(zip(targets, infos))]
     return out
+
+
+def _usage_and_tags(info) -> dict:
+    return {**_usage(info), "checkpoints": list(info.checkpoints)}
 
 
 def _present(infos: list) -> str:
@@ -349,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memstore: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from memstore.errors import MemStoreError
+        from memstore.errors import DeadlineExceeded, MemStoreError
         if isinstance(exc, MemStoreError):
-            print(f"memstore {args.command}: {exc}", file=sys.stderr)
+            hint = f" (no answer within --timeout {args.timeout:g} s)" if isinstance(exc, DeadlineExceeded) else ""
+            print(f"memstore {args.command}: {exc}{hint}", file=sys.stderr)
             return 1
         raise
 

@@ -45,7 +45,7 @@ from memstore.protocol import (
     table_info,
 )
 from memstore.same_host import LmdbView, SharedView, open_view
-from memstore.spec import InitSpec, OptimizerSpec, TableSpec
+from memstore.spec import table_spec
 from memstore.training import Job, StepOrder
 from memstore.v1 import memstore_pb2 as pb
 from memstore.v1 import memstore_pb2_grpc as pb_grpc
@@ -130,8 +130,8 @@ class MemStoreClient:
     def create_table(self, name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
                      init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
                      if_not_exists: bool = False, **optimizer_args: float) -> TableInfo:
-        spec = TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed),
-                         OptimizerSpec(optimizer, lr, optimizer_args))
+        spec = table_spec(name, num_rows, dim, dtype=dtype, init=init, init_scale=init_scale, seed=seed,
+                          optimizer=optimizer, lr=lr, **optimizer_args)
         request = pb.CreateTableRequest(spec=spec_to_pb(spec), if_not_exists=if_not_exists)
         return table_info(self._call(self._stub.CreateTable, request))
 

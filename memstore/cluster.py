@@ -157,6 +157,12 @@ def _is_target(target: str) -> bool:
     return match is not None and 0 < int(match["port"]) < 65536
 
 
+def host_port(host: str, port: int) -> str:
+    """The address `host:port`, an IPv6 literal in brackets (`[::1]:50051`), given with or without."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def single_target(target: str | None) -> str:
     """The one target this client talks to: `target`, or `MEMSTORE_TARGET` when it names one shard."""
     if target is not None:

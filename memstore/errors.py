@@ -58,6 +58,12 @@ class Aborted(MemStoreError):
     code = grpc.StatusCode.ABORTED
 
 
+class DeadlineExceeded(MemStoreError):
+    """The call's deadline (a client's timeout) passed before the server answered; the server may
+    still have done the work."""
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_CODE = {cls.code: cls for cls in MemStoreError.__subclasses__()}
 
 

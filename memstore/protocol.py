@@ -97,6 +97,7 @@ class TableInfo:
     updates: int
     bytes_reserved: int = 0    # claimed: RAM dense arrays, LMDB map (see memstore.memory)
     bytes_resident: int = 0    # in memory now
+    checkpoints: tuple[str, ...] = ()  # tags of its checkpoints (merged over shards: those every shard has)
 
 
 def table_info(msg: pb.TableInfo) -> TableInfo:
@@ -104,4 +105,4 @@ def table_info(msg: pb.TableInfo) -> TableInfo:
     if msg.shard_count > 1:
         spec = replace(spec, shard_index=msg.shard_index, shard_count=msg.shard_count)
     return TableInfo(spec, msg.rows_materialized, msg.bytes_used, msg.lookups, msg.updates, msg.bytes_reserved,
-                     msg.bytes_resident)
+                     msg.bytes_resident, tuple(msg.checkpoints))

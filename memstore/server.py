@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from memstore import shm
 from memstore.backends import open_backend
+from memstore.cluster import host_port
 from memstore.config import ConfigError, ServerConfig, is_loopback
 from memstore.interceptors import (
     AuthInterceptor,
@@ -237,18 +238,19 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    address = f"{config.host}:{config.port}"
+    address = host_port(config.host, config.port)
     credentials = _credentials(config)
     try:
         return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # gRPC says only "Failed to bind"; the OS says why
-        raise StartupError(f"cannot listen on {address}: {bind_failure(config.host, config.port)}") from None
+        why = bind_failure(config.host, config.port, tls=credentials is not None)
+        raise StartupError(f"cannot listen on {address}: {why}") from None
 
 
-def bind_failure(host: str, port: int) -> str:
+def bind_failure(host: str, port: int, *, tls: bool = False) -> str:
     """Why an address cannot be bound: what the OS answers to binding it ourselves."""
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return f"host {host!r} does not resolve ({exc.strerror})"
     for family, kind, proto, _, sockaddr in addresses:
@@ -258,7 +260,7 @@ def bind_failure(host: str, port: int) -> str:
             except OSError as exc:
                 in_use = exc.errno == errno.EADDRINUSE
                 return exc.strerror + (" (another memstore? choose another port, or 0 for a free one)" if in_use else "")
-    return "gRPC refused it (with TLS: are tls_cert and tls_key a valid PEM pair?)"
+    return "gRPC refused it" + (" (are tls_cert and tls_key a valid PEM pair?)" if tls else "")
 
 
 async def create_server(config: ServerConfig, store: Store | None = None) -> tuple[MemStoreServer, int]:
@@ -299,7 +301,7 @@ async def create_server(config: ServerConfig, store: Store | None = None) -> tup
     if config.snapshot_interval_s > 0 and config.backend == "ram":
         running._checkpoint_task = asyncio.create_task(_checkpoint_every(running, config.snapshot_interval_s))
     log.info("serving", extra={"fields": {
-        "address": f"{config.host}:{port}", "backend": config.backend, "tls": bool(config.tls_cert),
+        "address": host_port(config.host, port), "backend": config.backend, "tls": bool(config.tls_cert),
         "auth": bool(config.token), "read_only": config.read_only, "metrics_port": metrics_port,
         "shard": f"{store.layout.index}/{store.layout.count}"}})
     if not (config.token or config.tls_client_ca or is_loopback(config.host)):
@@ -312,9 +314,9 @@ def _serve_metrics(metrics: Metrics, config: ServerConfig) -> int | None:
     if config.metrics_port < 0:
         return None
     try:
-        return metrics.serve_http(config.metrics_port, config.host)
+        return metrics.serve_http(config.metrics_port, config.host.strip("[]"))
     except OSError as exc:
-        address = f"{config.host}:{config.metrics_port}"
+        address = host_port(config.host, config.metrics_port)
         raise StartupError(f"cannot serve metrics on {address}: {exc.strerror}"
                            + (" (choose another metrics_port)" if exc.errno == errno.EADDRINUSE else "")) from None
 
@@ -340,7 +342,7 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"memstore listening on {config.host}:{port}", flush=True)  # scripts wait for this line
+    print(f"memstore listening on {host_port(config.host, port)}", flush=True)  # scripts wait for this line
     await stop.wait()
     stop.clear()  # from here a second signal ends the drain
     log.info("signal received: stopping (drain %.1fs, grace %.1fs)", config.drain_s, config.grace_s)

@@ -34,7 +34,7 @@ def info_to_pb(view: TableView) -> pb.TableInfo:
                         bytes_used=view.bytes_used, lookups=view.counters.lookups,
                         updates=view.counters.updates, shard_index=view.spec.shard_index,
                         shard_count=view.spec.shard_count, bytes_reserved=view.bytes_reserved,
-                        bytes_resident=view.bytes_resident)
+                        bytes_resident=view.bytes_resident, checkpoints=view.checkpoints)
 
 
 def _update_chunk(raw: bytes) -> UpdateChunk:

@@ -137,12 +137,22 @@ class TableSpec:
                    shard_index=int(d.get("shard_index", 0)), shard_count=int(d.get("shard_count", 1)))
 
 
-def spec_differences(existing: TableSpec, requested: TableSpec) -> list[str]:
+def table_spec(name: str, num_rows: int, dim: int, *, dtype: str = "float32", init: str = "normal",
+               init_scale: float = 0.02, seed: int = 0, optimizer: str = "sgd", lr: float = 0.01,
+               **optimizer_args: float) -> TableSpec:
+    """The spec `create_table` asks for, from its keyword arguments (the defaults of every client
+    and of `memstore create-table`)."""
+    return TableSpec(name, num_rows, dim, dtype, InitSpec(init, init_scale, seed), OptimizerSpec(optimizer, lr, optimizer_args))
+
+
+def spec_differences(existing: TableSpec, requested: TableSpec, *,
+                     labels: tuple[str, str] = ("existing", "requested")) -> list[str]:
     """One "field: existing X, requested Y" per field in which two specs differ (optimizer
-    arguments one by one, defaults filled in), in the spec's field order."""
+    arguments one by one, defaults filled in), in the spec's field order; `labels` name the two."""
     ours, theirs = _flat(existing.to_dict()), _flat(requested.to_dict())
     keys = [*ours, *(k for k in theirs if k not in ours)]
-    return [f"{k}: existing {ours.get(k)!r}, requested {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
+    first, second = labels
+    return [f"{k}: {first} {ours.get(k)!r}, {second} {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)]
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -62,6 +62,7 @@ class TableView:
     counters: TableCounters
     bytes_reserved: int = 0
     bytes_resident: int = 0
+    checkpoints: tuple[str, ...] = ()  # the tags of its checkpoints here, oldest first
 
 
 def parse_ids(raw: bytes, what: str = "ids") -> np.ndarray:
@@ -121,7 +122,7 @@ class Store:
         table = self.backend.get(name)
         usage = table.usage()
         return TableView(table.spec, usage.rows_materialized, usage.bytes_used, self._counter(name),
-                         usage.bytes_reserved, usage.bytes_resident)
+                         usage.bytes_reserved, usage.bytes_resident, tuple(self.backend.checkpoint_tags(name)))
 
     def list_tables(self) -> list[TableView]:
         return [self.describe(t.spec.name) for t in sorted(self.backend.tables(), key=lambda t: t.spec.name)]

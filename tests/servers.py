@@ -14,8 +14,8 @@ from memstore.server import ServerThread
 
 
 def in_process(data_dir: Path, backend: str = "ram", **overrides) -> ServerThread:
-    """A server on port 0 in this process; use it as a context manager (`with in_process(...) as srv`)."""
-    config = ServerConfig(port=0, backend=backend, data_dir=str(data_dir), grace_s=1.0, **overrides)
+    """A server on port 0 (unless `port=` overrides it) in this process; use it as a context manager (`with in_process(...) as srv`)."""
+    config = ServerConfig(**{"port": 0, "backend": backend, "data_dir": str(data_dir), "grace_s": 1.0, **overrides})
     return ServerThread(config)
 
 

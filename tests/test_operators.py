@@ -9,10 +9,13 @@ import json
 import logging
 import os
 import pty
+import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -22,8 +25,17 @@ from engram_client.cluster import connect
 from engram_client.sharded import ShardedClient
 from memstore import cli
 from memstore.client import MemStoreClient, TlsConfig
+from memstore.cluster import host_port
 from memstore.config import ConfigError, ServerConfig, build_config
-from memstore.errors import NotFound, Unauthenticated, Unavailable
+from memstore.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
+from memstore.server import bind_failure
 from tests.servers import in_process
 from tests.test_security import pki  # noqa: F401 -- the module-scoped PKI fixture
 
@@ -81,12 +93,22 @@ def test_a_table_missing_on_one_shard_is_named(two_shards, capsys):
     with MemStoreClient(two_shards[0]) as shard0:   # what the old single-shard CLI left behind
         shard0.create_table("half", 100, 2)
     code, out, err = run_cli(capsys, "ls", "--target", spec)
-    assert code == 0 and "1/2" in out and f"missing on shard(s) 1 ({two_shards[1]})" in err
+    assert code == 0 and "1/2" in out and f"missing on shard 1 ({two_shards[1]})" in err
     code, _, err = run_cli(capsys, "describe", "half", "--target", spec)
     assert code == 1 and "NOT_FOUND" in err and f"shard 1 ({two_shards[1]})" in err
     with ShardedClient(two_shards) as client, pytest.raises(NotFound, match=rf"shard 1 \({two_shards[1]}\)") as raised:
         client.lookup("half", np.arange(10))
     assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    with MemStoreClient(two_shards[0]) as shard0, MemStoreClient(two_shards[1]) as shard1:
+        shard0.drop_table("half")
+        shard1.create_table("only1", 100, 2)   # on shard 1 alone: shard 0 is the one named
+    with ShardedClient(two_shards) as client:
+        for call in (client.list_tables, lambda: client.describe_table("only1")):
+            with pytest.raises(NotFound, match=rf"only1.* missing on shard 0 \({two_shards[0]}\)|"
+                                               rf"shard 0 \({two_shards[0]}\): table 'only1' does not exist"):
+                call()
+    [listed] = json.loads(run_cli(capsys, "ls", "--json", "--target", spec)[1])
+    assert listed["shards"][0]["missing"] and listed["shard_count"] == 2
 
 
 def test_cli_refuses_a_misordered_cluster_and_a_bad_spec(two_shards, capsys):
@@ -98,6 +120,103 @@ def test_cli_refuses_a_misordered_cluster_and_a_bad_spec(two_shards, capsys):
             assert client.list_tables() == []
     code, _, err = run_cli(capsys, "ls", "--target", "a:1,a:1")
     assert code == 2 and "listed as shard 0 and shard 1" in err
+
+
+def test_create_touches_no_shard_when_one_holds_the_table_already(two_shards, capsys):
+    spec = ",".join(two_shards)
+    with MemStoreClient(two_shards[1]) as shard1:   # a leftover of another table of that name
+        shard1.create_table("emb", 1000, 4)
+    code, _, err = run_cli(capsys, "create-table", "emb", "--rows", "1000", "--dim", "8", "--target", spec)
+    assert code == 1 and "ALREADY_EXISTS" in err and "nothing was created" in err
+    assert f"shard 1 ({two_shards[1]}): dim: existing 4, requested 8" in err
+    with ShardedClient(two_shards) as client, pytest.raises(AlreadyExists, match="dim: existing 4, requested 8"):
+        client.create_table("emb", 1000, 8)
+    code, _, err = run_cli(capsys, "create-table", "emb", "--rows", "1000", "--dim", "4", "--target", spec)
+    assert code == 1 and f"exists on shard 1 ({two_shards[1]}): nothing was created" in err
+    with MemStoreClient(two_shards[0]) as shard0:
+        assert shard0.list_tables() == []   # none of the three refusals created anything
+    code, out, _ = run_cli(capsys, "create-table", "emb", "--rows", "1000", "--dim", "4", "--if-not-exists",
+                           "--target", spec)   # completes a partial create
+    assert code == 0 and "emb: 1000 rows x 4" in out
+    assert "2/2" in run_cli(capsys, "ls", "--target", spec)[1]
+
+
+def test_shards_whose_specs_differ_are_named(two_shards, capsys):
+    spec = ",".join(two_shards)
+    for target, dim in zip(two_shards, (8, 4)):
+        with MemStoreClient(target) as client:
+            client.create_table("emb", 1000, dim)
+            client.create_table("fine", 10, 2)
+    differ = f"shard 1 ({two_shards[1]}) differs from shard 0 ({two_shards[0]}) in dim: shard 0 8, shard 1 4"
+    with ShardedClient(two_shards) as client:
+        for call in (lambda: client.describe_table("emb"), client.list_tables):
+            with pytest.raises(FailedPrecondition, match=re.escape(differ)):
+                call()
+    code, _, err = run_cli(capsys, "describe", "emb", "--target", spec)
+    assert code == 1 and "FAILED_PRECONDITION" in err and differ in err
+    code, out, err = run_cli(capsys, "ls", "--target", spec)   # the other tables are still listed
+    assert code == 0 and "specs differ" in out and "fine" in out and differ in err
+    listed = json.loads(run_cli(capsys, "ls", "--json", "--target", spec)[1])
+    assert [t["name"] for t in listed] == ["emb", "fine"] and differ in listed[0]["error"]
+
+
+def test_describe_shows_a_shards_own_place_and_a_clusters_size(two_shards, capsys):
+    spec = ",".join(two_shards)
+    assert run_cli(capsys, "create-table", "emb", "--rows", "1000", "--dim", "4", "--target", spec)[0] == 0
+    for index, target in enumerate(two_shards):   # one server: its own spec fields
+        alone = json.loads(run_cli(capsys, "describe", "emb", "--target", target)[1])
+        assert (alone["shard_index"], alone["shard_count"]) == (index, 2) and "shards" not in alone
+        [listed] = json.loads(run_cli(capsys, "ls", "--json", "--target", target)[1])
+        assert (listed["shard_index"], listed["shard_count"]) == (index, 2)
+    whole = json.loads(run_cli(capsys, "describe", "emb", "--target", spec)[1])
+    assert whole["shard_count"] == 2 and "shard_index" not in whole and len(whole["shards"]) == 2
+
+
+def test_restore_rolls_back_every_shard_or_none(two_shards, capsys):
+    spec, ids = ",".join(two_shards), np.arange(10)
+    with ShardedClient(two_shards) as client:
+        client.create_table("rt", 100, 4, init="zeros")
+        client.update("rt", ids, np.ones((10, 4), np.float32))         # rows -0.01
+        client.shards[0].snapshot("rt", tag="only0")                    # shard 1 has no such checkpoint
+        client.update("rt", ids, np.ones((10, 4), np.float32))         # rows -0.02
+        code, out, err = run_cli(capsys, "restore", "rt", "--tag", "only0", "--target", spec)
+        assert code == 1 and out == "" and "NOT_FOUND" in err and "nothing was restored" in err
+        assert f"no checkpoint 'only0' on shard 1 ({two_shards[1]}) (shard 1 has: none)" in err
+        with pytest.raises(NotFound, match=rf"no checkpoint 'only0' on shard 1 \({two_shards[1]}\)"):
+            client.restore("rt", "only0")
+        np.testing.assert_allclose(client.lookup("rt", ids), -0.02)   # no shard was rolled back
+        client.snapshot("rt", tag="both")
+        client.update("rt", ids, np.ones((10, 4), np.float32))
+        assert client.describe_table("rt").checkpoints == ("both",)   # the tags every shard has
+        code, out, _ = run_cli(capsys, "restore", "rt", "--tag", "both", "--target", spec)
+        assert code == 0 and len(out.split()) == 2
+        np.testing.assert_allclose(client.lookup("rt", ids), -0.02)
+
+
+def test_drop_touches_no_shard_while_one_is_down_and_a_rerun_finishes_it(tmp_path, capsys):
+    shard0 = in_process(tmp_path / "s0", shard_index="0", shard_count=2).start()
+    shard1 = in_process(tmp_path / "s1", shard_index="1", shard_count=2).start()
+    targets, port1 = [shard0.target, shard1.target], shard1.port
+    try:
+        with ShardedClient(targets) as client:
+            client.create_table("t", 100, 2)
+            client.shards[1].drop_table("t")   # a drop that stopped half-way
+        shard1.stop()
+        code, _, err = run_cli(capsys, "drop-table", "t", "--yes", "--target", ",".join(targets))
+        assert code == 1 and "UNAVAILABLE" in err and f"shard 1 ({targets[1]})" in err
+        with ShardedClient(targets, retry_timeout_s=0) as client, pytest.raises(Unavailable, match="shard 1"):
+            client.drop_table("t")
+        with MemStoreClient(targets[0]) as client:
+            assert [t.spec.name for t in client.list_tables()] == ["t"]   # nothing was dropped
+        shard1 = in_process(tmp_path / "s1", shard_index="1", shard_count=2, port=port1).start()
+        code, out, _ = run_cli(capsys, "drop-table", "t", "--yes", "--target", ",".join(targets))
+        assert code == 0 and f"dropped t (on 2 shards; already dropped on shard 1 ({targets[1]}))" in out
+        code, _, err = run_cli(capsys, "drop-table", "t", "--yes", "--target", ",".join(targets))
+        assert code == 1 and "NOT_FOUND" in err and "does not exist on any of the 2 shards" in err
+    finally:
+        shard0.stop()
+        if shard1.server is not None:
+            shard1.stop()
 
 
 # ---- item 4: token and target from the environment ------------------------------------------
@@ -138,7 +257,6 @@ def test_demo_passes_its_token_to_the_shards(tmp_path):
 # ---- item 5: retries that say what they do --------------------------------------------------
 
 def free_port() -> int:
-    import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -191,6 +309,43 @@ def test_a_tls_mismatch_fails_at_once(tmp_path, pki):  # noqa: F811 -- the fixtu
             MemStoreClient(srv.target, tls=TlsConfig(ca_cert=str(pki.ca)), retry_timeout_s=60) as client, \
             pytest.raises(Unavailable, match="TLS handshake failed"):
         client.list_tables()   # TLS client, plaintext server
+
+
+def test_a_missed_deadline_is_deadline_exceeded_not_internal(tmp_path, capsys):
+    with in_process(tmp_path / "d", fault_lookup_delay_ms=1000) as srv, \
+            MemStoreClient(srv.target, timeout_s=0.2, shared_memory="off") as client:
+        client.create_table("t", 10, 2)
+        with pytest.raises(DeadlineExceeded) as raised:
+            client.lookup("t", [1])
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and not getattr(raised.value, "retryable", False)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_serve_listens_on_an_ipv6_host(tmp_path, host):
+    with in_process(tmp_path / "d", host=host, metrics_port=0) as srv, \
+            MemStoreClient(f"[::1]:{srv.port}", shared_memory="off") as client:
+        client.create_table("t", 10, 2)
+        assert [t.spec.name for t in client.list_tables()] == ["t"]
+        with urllib.request.urlopen(f"http://[::1]:{srv.server.metrics_port}/metrics", timeout=10) as page:
+            assert b"memstore_table_rows_materialized" in page.read()
+
+
+def test_bind_addresses_bracket_ipv6_and_blame_tls_only_with_tls():
+    hosts = ("::1", "[::1]", "fd00::2", "127.0.0.1", "memstore-0.svc")
+    assert [host_port(h, 5) for h in hosts] == ["[::1]:5", "[::1]:5", "[fd00::2]:5", "127.0.0.1:5", "memstore-0.svc:5"]
+    port = free_port()   # the OS binds it: gRPC's refusal is all there is to say
+    assert bind_failure("127.0.0.1", port) == "gRPC refused it"
+    assert "tls_cert and tls_key" in bind_failure("127.0.0.1", port, tls=True)
 
 
 # ---- item 10: safe defaults -----------------------------------------------------------------

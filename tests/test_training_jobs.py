@@ -91,10 +91,16 @@ def test_restore_needs_the_checkpoint_on_every_shard(tmp_path):
     with memstore_cluster(tmp_path, 2) as client:
         model = remote_model(client, "sgd")
         record = checkpoint_tables(model)
+        run_steps(model, batches()[:2], torch.optim.SGD(dense_params(model), lr=0.1))
+        model.engram.tables.flush()
         client.shards[1].drop_table("engram_l1")  # shard 1's copy (and its checkpoints) is gone
         client.shards[1].create_table("engram_l1", model.engram.tables.num_rows, model.engram.tables.dim)
-        with pytest.raises(NotFound, match="no checkpoint"):
+        shard0_rows = np.arange(0, model.engram.tables.num_rows, 2)
+        trained = client.lookup("engram_l1", shard0_rows)
+        with pytest.raises(NotFound, match=rf"no checkpoint .* on shard 1 \({client.targets[1]}\).*nothing was restored"):
             restore_tables(model, record)
+        np.testing.assert_array_equal(client.lookup("engram_l1", shard0_rows), trained)  # shard 0 kept its steps
+        assert model.engram.tables.step == 2
 
 
 def test_host_tables_checkpoint_and_restore():

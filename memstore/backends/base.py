@@ -154,6 +154,10 @@ class Backend(ABC):
         changed): a no-op when the table is exactly that checkpoint already."""
         return self._checkpoints().restore(self.get(name), tag, self._replace_from)
 
+    def checkpoint_tags(self, name: str) -> list[str]:
+        """The tags of table `name`'s checkpoints on this server, oldest first."""
+        return self._checkpoints().tags(name)
+
     _checkpoint_book: Checkpoints | None = None
     _checkpoint_book_lock = threading.Lock()  # two ranks' first checkpoints must share one book
 

@@ -62,7 +62,7 @@ class TableSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., init: _Optional[_Union[InitSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ...) -> None: ...
 
 class TableInfo(_message.Message):
-    __slots__ = ("spec", "rows_materialized", "bytes_used", "lookups", "updates", "shard_index", "shard_count", "bytes_reserved", "bytes_resident")
+    __slots__ = ("spec", "rows_materialized", "bytes_used", "lookups", "updates", "shard_index", "shard_count", "bytes_reserved", "bytes_resident", "checkpoints")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     ROWS_MATERIALIZED_FIELD_NUMBER: _ClassVar[int]
     BYTES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class TableInfo(_message.Message):
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RESERVED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     spec: TableSpec
     rows_materialized: int
     bytes_used: int
@@ -81,7 +82,8 @@ class TableInfo(_message.Message):
     shard_count: int
     bytes_reserved: int
     bytes_resident: int
-    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., rows_materialized: _Optional[int] = ..., bytes_used: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., bytes_resident: _Optional[int] = ...) -> None: ...
+    checkpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, spec: _Optional[_Union[TableSpec, _Mapping]] = ..., rows_materialized: _Optional[int] = ..., bytes_used: _Optional[int] = ..., lookups: _Optional[int] = ..., updates: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., bytes_reserved: _Optional[int] = ..., bytes_resident: _Optional[int] = ..., checkpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
     __slots__ = ("spec", "if_not_exists")
