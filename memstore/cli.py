@@ -152,6 +152,8 @@ def _ls_line(t: dict) -> str:
 def cmd_describe(args) -> int:
     """The table's spec and summed usage, then each shard's (NOT_FOUND names a shard that lacks it)."""
     with _client(args) as shards:
+        if len(shards) > 1:
+            shards.check_layout()  # a misordered list would label the shards wrongly
         infos = shards.each(lambda client: client.describe_table(args.name))
     print(json.dumps(_table_dict(infos, shards.targets), indent=2))
     return 0
@@ -365,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"memstore: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `memstore ls | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         from memstore.errors import DeadlineExceeded, MemStoreError
         if isinstance(exc, MemStoreError):

@@ -184,6 +184,7 @@ class Shards:
         """Drop the table on every shard; returns the shards that had no table to drop (a re-run
         after a partial drop). A shard that does not answer drops nothing anywhere; NOT_FOUND when
         no shard has the table."""
+        self.check_layout()  # one shard of a cluster alone, or a misordered list: nothing is dropped
         present = {i for i, info in enumerate(self.describe_each(name)) if info is not None}
         if not present:
             raise NotFound(f"table {name!r} does not exist on " +

@@ -219,6 +219,18 @@ def test_drop_touches_no_shard_while_one_is_down_and_a_rerun_finishes_it(tmp_pat
             shard1.stop()
 
 
+def test_one_shard_alone_or_a_misordered_list_drops_and_describes_nothing(two_shards, capsys):
+    targets = two_shards
+    with ShardedClient(targets) as client:
+        client.create_table("t", 100, 2)
+    code, _, err = run_cli(capsys, "drop-table", "t", "--yes", "--target", targets[1])
+    assert code == 1 and "is shard 1 of 2" in err
+    code, _, err = run_cli(capsys, "describe", "t", "--target", ",".join(reversed(targets)))
+    assert code == 1 and "FAILED_PRECONDITION" in err
+    with ShardedClient(targets) as client:
+        assert client.describe_table("t").spec.num_rows == 100  # still on both shards
+
+
 # ---- item 4: token and target from the environment ------------------------------------------
 
 def test_clients_take_token_and_target_from_the_environment(tmp_path, monkeypatch):
