@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from demo.corpus import load_corpus, stdlib_files
+from demo.corpus import EXCLUDED_STDLIB_DIRS, load_corpus, stdlib_dir, stdlib_files
 from demo.memory import count_collisions
 from demo.model import GPT, GPTConfig
 from demo.train import TrainConfig, batch_stream, lr_at
@@ -90,6 +90,17 @@ def test_stdlib_corpus_is_split_by_file_deterministically():
     assert not set(a.train_files) & set(a.val_files)
     assert set(a.train_files) | set(a.val_files) == set(stdlib_files())
     assert 0.05 < len(a.val_files) / len(stdlib_files()) < 0.2
+
+
+def test_stdlib_tree_leaves_out_tests_packages_and_generated_code():
+    root = stdlib_dir()
+    tree = {str(p.relative_to(root)) for p in stdlib_files()}
+    top = {str(p.relative_to(root)) for p in stdlib_files(top_level_only=True)}
+    assert top < tree and "argparse.py" in top and "json/decoder.py" in tree
+    assert not any(part in EXCLUDED_STDLIB_DIRS for path in tree for part in Path(path).parts[:-1])
+    assert "this.py" not in tree and not any(p.startswith("_sysconfigdata") for p in top)
+    assert load_corpus("stdlib-top").train_files == [p for p in load_corpus("stdlib").train_files
+                                                     if str(p.relative_to(root)) in top]
 
 
 def test_user_folder_corpus_skips_binary_files(tmp_path):
