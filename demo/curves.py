@@ -66,13 +66,16 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
 
 def plot_sweep(records: list[dict], path: Path, title: str) -> None:
     plt = _pyplot()
-    records = sorted(records, key=lambda r: r["params"]["table"])
+    baseline = [r for r in records if r["overrides"] is None]
+    records = sorted((r for r in records if r["overrides"] is not None), key=lambda r: r["params"]["table"])
     params = [r["params"]["table"] for r in records]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.plot(params, [r["final_val_loss"] for r in records], marker="o", color="tab:orange", label="validation loss")
     for r, x in zip(records, params):
         ax.annotate(f"~{r['settings']['table_rows']:,} rows/head", (x, r["final_val_loss"]), fontsize=7,
                     textcoords="offset points", xytext=(4, 4))
+    for r in baseline:  # the same backbone without Engram, same steps and stream
+        ax.axhline(r["final_val_loss"], color="tab:blue", ls="-.", label=f"baseline (no Engram) {r['final_val_loss']:.3f}")
     ax.set_xscale("log")
     ax.set_xlabel("Engram table parameters")
     ax.set_ylabel("validation loss (nats / token)")
@@ -110,7 +113,7 @@ def sweep_table(records: list[dict]) -> str:
               "3-gram collisions / head | 3-grams colliding in all heads | wall time (min) |")
     lines = [header,
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(records, key=lambda r: r["params"]["table"]):
+    for r in sorted((r for r in records if r["overrides"] is not None), key=lambda r: r["params"]["table"]):
         c2, c3 = r["collisions"]["2"], r["collisions"]["3"]
         lines.append(f"| {r['settings']['table_rows']:,} | {r['table_rows']:,} | {r['params']['table'] / 1e6:.1f} M | "
                      f"{r['final_val_loss']:.4f} | {100 * c2['collision_rate_per_head']:.1f} % | "
