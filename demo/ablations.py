@@ -2,7 +2,7 @@
 
     .venv/bin/python -m demo.ablations                          # the 300-step ablation table
     .venv/bin/python -m demo.ablations lr_x10 layer0 --steps 100
-    .venv/bin/python -m demo.ablations baseline constant follow dropout --steps 900 --corpus stdlib-top
+    .venv/bin/python -m demo.ablations baseline constant follow dropout --steps 600 --max-corpus-mb 2
     .venv/bin/python -m demo.ablations rows_10k rows_1m --tables memstore   # table size, tables on memstore
 
 Each variant trains the demo's default model (the Engram variants with one setting changed, on the
@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"any of {', '.join(VARIANTS)} (default: the 300-step ablation table)")
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--corpus", default=None, help="stdlib (default), stdlib-top or a folder, as for `python -m demo`")
+    parser.add_argument("--max-corpus-mb", type=float, default=0.0,
+                        help="keep only this much train text (MB; 0 = all): more epochs in fewer steps")
     parser.add_argument("--tables", choices=("local", "memstore"), default="local",
                         help="local: RowwiseAdam in-process; memstore: a RAM daemon started for this run")
     parser.add_argument("--eval-interval", type=int, default=DEFAULTS["eval_interval"])
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    corpus = load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus, max_train_bytes=int(args.max_corpus_mb * 1e6))
     tok = tokenize_corpus(corpus, DEFAULTS["vocab_size"], CACHE_DIR)
     print(f"corpus: {corpus.describe()}; {len(tok.train_ids):,} train / {len(tok.val_ids):,} validation tokens",
           flush=True)
