@@ -210,7 +210,8 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
         "run": {"timestamp": stamp, "command": "python -m demo " + shlex.join(sys.argv[1:]),
                 "machine": _machine(), "torch_threads": torch.get_num_threads()},
         "corpus": {"root": str(corpus.root), "description": corpus.describe(), "digest": corpus.digest,
-                   "train_names": [p.name for p in corpus.train_files], "val_names": [p.name for p in corpus.val_files]},
+                   "train_names": _names(corpus.train_files, corpus.root),
+                   "val_names": _names(corpus.val_files, corpus.root)},
         "tokenizer": {"vocab_size": tok.vocab_size, "compressed_vocab": memory.compressed_vocab,
                       "train_tokens": len(tok.train_ids), "val_tokens": val[1].numel(), "cache": str(tok.cache_dir)},
         "model_config": dataclasses.asdict(model_cfg),
@@ -227,6 +228,11 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
         "samples": _samples(models, tok, args),
     }
     return metrics, results
+
+
+def _names(files: list[Path], root: Path) -> list[str]:
+    """Paths relative to the corpus root (the stdlib tree has many an `__init__.py`)."""
+    return [str(p.relative_to(root)) for p in files]
 
 
 def _build_models(model_cfg: GPTConfig, memory: EngramMemory, seed: int) -> dict[str, GPT]:
