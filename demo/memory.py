@@ -37,7 +37,9 @@ class EngramSettings:
     tables: str = "memstore"  # memstore | local
     table_lr: float = 1e-2  # Adam lr of the table rows: the paper's 5x the backbone's (2e-3)
     table_lr_schedule: str = "constant"  # constant | follow: the backbone's warm-up + cosine, scaled
-    row_dropout: float = 0.0  # training-time dropout of whole looked-up rows (EngramBlock.row_dropout)
+    # Training-time dropout of whole looked-up rows (EngramBlock.row_dropout): kept the tables from
+    # memorising repeated text and cost nothing within the first epoch (docs/demo.md, "Longer runs").
+    row_dropout: float = 0.2
     table_dtype: str = "float32"
     mode: str = "sync"  # memstore consistency: sync | async (rows at most one step stale)
 
