@@ -50,6 +50,10 @@ def plot_curves(records: list[dict], path: Path, title: str) -> None:
         label = f"{record['name']} (final {record['final_val_loss']:.3f})"
         ax.plot(record["val_steps"], record["val_checks"], color=color, marker="o", ms=3, lw=1.5, label=label)
         ax.plot(record["train_ema_steps"], record["train_ema"], color=color, alpha=0.35, lw=1)
+    # the first checks (loss ~8 at step 0) would squash the part that matters
+    later = [v for r in records for step, v in zip(r["val_steps"], r["val_checks"]) if step >= 100]
+    if later:
+        ax.set_ylim(top=max(later) + 0.4)
     epoch = epoch_steps(records[0])
     for k in range(1, int(max(r["steps"] for r in records) / epoch) + 1):
         ax.axvline(k * epoch, color="grey", ls="--", lw=1)
