@@ -236,3 +236,28 @@ def test_quick_demo_against_running_shards(tmp_path):
     finally:
         for shard in shards:
             shard.stop()
+
+
+# ---- experiment plots ------------------------------------------------------------------------------
+
+def test_curves_plots_and_tabulates_ablation_records(tmp_path):
+    from demo.curves import curves_table, load, main, sweep_table
+
+    def record(name, rows, loss, overrides):
+        return {"name": name, "steps": 3, "overrides": overrides, "final_val_loss": loss, "val_steps": [0, 2],
+                "val_checks": [8.0, loss], "train_ema_steps": [0, 2], "train_ema": [8.0, loss - 1],
+                "params": {"table": rows * 32}, "wall_seconds": 60.0, "train_tokens": 10_000,
+                "settings": {"table_rows": rows // 8}, "table_rows": rows,
+                "collisions": {o: {"collision_rate_per_head": 0.5, "colliding_all_heads": 1, "distinct_ngrams": 9}
+                               for o in ("2", "3")}}
+
+    results = tmp_path / "runs.jsonl"
+    rows = [record("rows_10k", 80_000, 5.0, {"table_rows": 10_007}), record("baseline", 0, 5.2, None),
+            record("rows_10k", 80_000, 4.9, {"table_rows": 10_007})]  # a rerun: the last record counts
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["final_val_loss"] for r in load(results)] == [4.9, 5.2]
+    assert "| 2 | 4.900 | 5.200 |" in curves_table(load(results), every=1)
+    assert "4.9000" in sweep_table(load(results)) and "5.2000" not in sweep_table(load(results))
+    for extra in ([], ["--sweep"]):
+        main([str(results), "--out", str(tmp_path / "plot.png"), *extra])
+        assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
