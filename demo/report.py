@@ -155,7 +155,8 @@ def report_markdown(metrics: dict) -> str:
         f"- tokenizer: {tokens}",
         f"- model (baseline; the Engram model adds engram_layer): `{metrics['model_config']}`",
         f"- training: `{metrics['train']}`",
-        f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']} ({eng_cfg.get('table_lr_schedule', 'constant')}), mode {eng_cfg['mode']}",
+        (f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']} ({eng_cfg.get('table_lr_schedule', 'constant')}), "
+        f"row dropout {eng_cfg.get('row_dropout', 0.0)}, mode {eng_cfg['mode']}"),
         f"- {FLOPS_NOTE}",
         "",
         "## Samples (incremental decoding, temperature 0.8, top-k 50)",
