@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke run (< 2 min); explicit flags still win")
     p.add_argument("--out", default="runs", help="runs are written to OUT/<UTC timestamp>/")
     g = p.add_argument_group("corpus")
-    g.add_argument("--corpus", default=None, help="folder of text files (default: this Python's stdlib *.py)")
+    g.add_argument("--corpus", default=None,
+                   help="stdlib (default: this Python's stdlib *.py tree, tests left out), stdlib-top (its "
+                        "top-level modules only) or a folder of text files")
     g.add_argument("--max-corpus-mb", type=float, default=None, help="cap the train text (MB; 0 = all)")
     g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
     g.add_argument("--val-tokens", type=int, default=None, help="validation tokens evaluated at the end (0 = all)")
@@ -61,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--embed-per-ngram", type=int, default=None, help="embedding width per order (default 128)")
     g.add_argument("--table-rows", type=int, default=None, help="target rows per hash head (default 100003)")
     g.add_argument("--table-lr-mult", type=float, default=5.0, help="table lr / backbone lr (the paper: 5)")
-    g.add_argument("--table-lr-schedule", choices=("constant", "follow"), default="constant",
+    g.add_argument("--table-lr-schedule", choices=("constant", "follow"), default=EngramSettings.table_lr_schedule,
                    help="table lr stays constant, or follows the backbone's warm-up + cosine (scaled)")
+    g.add_argument("--row-dropout", type=float, default=EngramSettings.row_dropout,
+                   help="training-time dropout of whole looked-up table rows")
     g.add_argument("--tables", choices=("memstore", "local"), default="memstore",
                    help="rows on memstore (server-side Adam) or an in-model parameter (RowwiseAdam)")
     g.add_argument("--mode", choices=("sync", "async"), default="sync", help="memstore consistency")
@@ -190,7 +194,8 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
     settings = EngramSettings(layer=args.engram_layer, max_ngram_size=args.max_ngram,
                               heads_per_ngram=args.heads_per_ngram, embed_per_ngram=args.embed_per_ngram,
                               table_rows=args.table_rows, tables=args.tables, mode=args.mode,
-                              table_lr=args.lr * args.table_lr_mult, table_lr_schedule=args.table_lr_schedule)
+                              table_lr=args.lr * args.table_lr_mult, table_lr_schedule=args.table_lr_schedule,
+                              row_dropout=args.row_dropout)
     memory = EngramMemory(settings, tok.tokenizer, tok.eos_id, CACHE_DIR, client=client,
                           table_prefix=f"demo_{stamp}")
     print(f"engram: token compression {tok.vocab_size} -> {memory.compressed_vocab} ids; layer {settings.layer} "
@@ -211,13 +216,15 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
         "run": {"timestamp": stamp, "command": "python -m demo " + shlex.join(sys.argv[1:]),
                 "machine": _machine(), "torch_threads": torch.get_num_threads()},
         "corpus": {"root": str(corpus.root), "description": corpus.describe(), "digest": corpus.digest,
-                   "train_names": [p.name for p in corpus.train_files], "val_names": [p.name for p in corpus.val_files]},
+                   "train_names": _names(corpus.train_files, corpus.root),
+                   "val_names": _names(corpus.val_files, corpus.root)},
         "tokenizer": {"vocab_size": tok.vocab_size, "compressed_vocab": memory.compressed_vocab,
                       "train_tokens": len(tok.train_ids), "val_tokens": val[1].numel(), "cache": str(tok.cache_dir)},
         "model_config": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg),
         "engram": {"config": dataclasses.asdict(memory.config), "tables": settings.tables, "mode": settings.mode,
                    "table_lr": settings.table_lr, "table_lr_schedule": settings.table_lr_schedule,
+                   "row_dropout": settings.row_dropout,
                    "table_name": memory.table_name,
                    "server": _server_desc(args, daemon)},
         "models": {r.name: {"params": models[r.name].param_counts(), "flops": models[r.name].flops_per_token(),
@@ -227,6 +234,11 @@ def run(args, client, daemon, stamp: str) -> tuple[dict, list]:
         "samples": _samples(models, tok, args),
     }
     return metrics, results
+
+
+def _names(files: list[Path], root: Path) -> list[str]:
+    """Paths relative to the corpus root (the stdlib tree has many an `__init__.py`)."""
+    return [str(p.relative_to(root)) for p in files]
 
 
 def _build_models(model_cfg: GPTConfig, memory: EngramMemory, seed: int) -> dict[str, GPT]:

@@ -1,11 +1,13 @@
 """The demo's training text: real source code that nobody on this project wrote.
 
-By default the corpus is the Python standard library of the running interpreter: every top-level
-`*.py` file of `sysconfig.get_paths()["stdlib"]` (e.g. `argparse.py`, `difflib.py`; ~170 files,
-~4.7 MB on CPython 3.11), minus machine-generated files (`_sysconfigdata*`) and the rot13 of
-`this.py`. Sub-packages and tests are left out so the selection is small, fixed and present on
-every CPython install. Any other folder can be given with `--corpus DIR`: all UTF-8 text files
-below it are used.
+By default the corpus is the Python standard library of the running interpreter: every `*.py`
+file below `sysconfig.get_paths()["stdlib"]` (608 files, 9.9 MB on CPython 3.11), minus the test
+suites, installed third-party packages (`site-packages`), generated code (the `encodings` codec
+tables, `pydoc_data`, `_sysconfigdata*`) and the rot13 of `this.py`. It is large enough that the
+default run stays within one epoch, where Engram's tables cannot memorise text they have seen
+(docs/demo.md, "Longer runs"). `--corpus stdlib-top` is the earlier, smaller selection: only the
+top-level modules (~170 files, ~4.7 MB). Any other folder can be given with `--corpus DIR`: all
+UTF-8 text files below it are used.
 
 Files, not characters, are split into train and validation: a file goes to validation when the
 CRC32 of its relative path is 0 mod `val_every` (deterministic, and stable when files are added),
@@ -21,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EXCLUDED_STDLIB = ("_sysconfigdata", "this.py")  # generated config; rot13 text
+# Folders of the stdlib tree that are not hand-written library code: test suites, third-party
+# packages, generated codec tables and the pydoc topics dump.
+EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings",
+                                  "pydoc_data"})
+STDLIB_SELECTIONS = ("stdlib", "stdlib-top")  # names `--corpus` takes besides a folder
 MAX_FILE_BYTES = 2_000_000  # skip anything larger in a user folder (data dumps, minified files)
 
 
@@ -52,10 +59,15 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files(root: Path | None = None) -> list[Path]:
-    """The default selection: top-level *.py files of the stdlib, sorted by name."""
+def stdlib_files(root: Path | None = None, *, top_level_only: bool = False) -> list[Path]:
+    """The default selection: the stdlib's *.py files (see the module doc), sorted by path.
+
+    `top_level_only`: just the top-level modules (`--corpus stdlib-top`).
+    """
     root = stdlib_dir() if root is None else root
-    return sorted(p for p in root.glob("*.py") if p.is_file() and not p.name.startswith(EXCLUDED_STDLIB))
+    paths = root.glob("*.py") if top_level_only else root.rglob("*.py")
+    return sorted(p for p in paths if p.is_file() and not p.name.startswith(EXCLUDED_STDLIB)
+                  and not EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts[:-1]))
 
 
 def folder_files(root: Path) -> list[Path]:
@@ -82,14 +94,15 @@ def load_corpus(folder: str | Path | None = None, *, val_every: int = 10, max_tr
     """Select and split the corpus.
 
     Args:
-        folder: None for the stdlib selection, else any folder of text files.
+        folder: None or "stdlib" for the stdlib tree, "stdlib-top" for its top-level modules only,
+            else any folder of text files.
         val_every: about one file in `val_every` goes to validation (at least one does).
         max_train_bytes: keep only the first train files up to this many bytes (0 = all); the
             quick mode uses it. Validation files are never cut, so quick runs evaluate on the same
             text as full runs.
     """
-    if folder is None:
-        root, files = stdlib_dir(), stdlib_files()
+    if folder is None or folder in STDLIB_SELECTIONS:
+        root, files = stdlib_dir(), stdlib_files(top_level_only=folder == "stdlib-top")
     else:
         root = Path(folder).expanduser().resolve()
         if not root.is_dir():

@@ -37,6 +37,9 @@ class EngramSettings:
     tables: str = "memstore"  # memstore | local
     table_lr: float = 1e-2  # Adam lr of the table rows: the paper's 5x the backbone's (2e-3)
     table_lr_schedule: str = "constant"  # constant | follow: the backbone's warm-up + cosine, scaled
+    # Training-time dropout of whole looked-up rows (EngramBlock.row_dropout): kept the tables from
+    # memorising repeated text and cost nothing within the first epoch (docs/demo.md, "Longer runs").
+    row_dropout: float = 0.2
     table_dtype: str = "float32"
     mode: str = "sync"  # memstore consistency: sync | async (rows at most one step stale)
 
@@ -85,7 +88,8 @@ class EngramMemory:
             tables = LocalTables(self.num_rows, self.config.head_dim, sparse=True, init_std=0.02)
         else:
             raise ValueError(f"--tables must be memstore or local, got {s.tables!r}")
-        self.block = EngramBlock(self.config, layer_id, hidden_size, tables=tables, hasher=self.hasher)
+        self.block = EngramBlock(self.config, layer_id, hidden_size, tables=tables, hasher=self.hasher,
+                                 row_dropout=s.row_dropout)
         return self.block
 
     def table_optimizer(self) -> torch.optim.Optimizer | None:

@@ -81,7 +81,7 @@ def plot_losses(results: list[RunResult], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for result, color in zip(results, ("tab:blue", "tab:orange", "tab:green")):
-        ax.plot(result.steps, _ema(result.train_loss), color=color, alpha=0.6, lw=1,
+        ax.plot(result.steps, ema(result.train_loss), color=color, alpha=0.6, lw=1,
                 label=f"{result.name} train (EMA 0.9)")
         ax.plot(result.val_steps, result.val_loss, color=color, marker="o", ms=3, lw=1.5,
                 label=f"{result.name} validation check (first windows only)")
@@ -97,7 +97,7 @@ def plot_losses(results: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
-def _ema(values: list[float], decay: float = 0.9) -> list[float]:
+def ema(values: list[float], decay: float = 0.9) -> list[float]:
     out, acc = [], None
     for v in values:
         acc = v if acc is None else decay * acc + (1 - decay) * v
@@ -155,7 +155,8 @@ def report_markdown(metrics: dict) -> str:
         f"- tokenizer: {tokens}",
         f"- model (baseline; the Engram model adds engram_layer): `{metrics['model_config']}`",
         f"- training: `{metrics['train']}`",
-        f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']} ({eng_cfg.get('table_lr_schedule', 'constant')}), mode {eng_cfg['mode']}",
+        (f"- Engram: `{eng_cfg['config']}`, table lr {eng_cfg['table_lr']} ({eng_cfg.get('table_lr_schedule', 'constant')}), "
+        f"row dropout {eng_cfg.get('row_dropout', 0.0)}, mode {eng_cfg['mode']}"),
         f"- {FLOPS_NOTE}",
         "",
         "## Samples (incremental decoding, temperature 0.8, top-k 50)",

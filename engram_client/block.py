@@ -161,6 +161,9 @@ class EngramBlock(nn.Module):
         vocab_size, token_map: the token space, when no hasher is given (see NgramHasher).
         zero_init_conv: start the ShortConv at zero (the paper's choice); default init otherwise.
         sparse_grads: for the default LocalTables, emit sparse row gradients.
+        row_dropout: in training, each looked-up row (one position, one head) is zeroed with this
+            probability and the rest scaled by 1 / (1 - p); a dropped row gets no gradient from
+            that position. Keeps the tables from memorising n-grams seen over several epochs.
     """
 
     def __init__(
@@ -176,8 +179,12 @@ class EngramBlock(nn.Module):
         token_map: np.ndarray | None = None,
         zero_init_conv: bool = False,
         sparse_grads: bool = False,
+        row_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= row_dropout < 1.0:
+            raise ValueError(f"row_dropout must be in [0, 1), got {row_dropout}")
+        self.row_dropout = row_dropout
         if hasher is None:
             hasher = NgramHasher(config, vocab_size=vocab_size, token_map=token_map)
         elif hasher.config != config:
@@ -286,6 +293,9 @@ class EngramBlock(nn.Module):
 
         # sources written to the plain `forward(row_ids)` contract only ever see that call
         rows = self.tables(row_ids) if prefetched is None else self.tables(row_ids, prefetched=prefetched)  # (B, T, H, D)
+        if self.training and self.row_dropout > 0:
+            keep = torch.rand(rows.shape[:-1] + (1,), device=rows.device) >= self.row_dropout  # (B, T, H, 1)
+            rows = rows * keep.to(rows.dtype) / (1 - self.row_dropout)
         e = rows.flatten(-2).to(device=hidden_states.device, dtype=self.value_proj.weight.dtype)  # (B, T, E)
         key = self.key_norm(self.key_proj(e).view(B, T, G, C))  # (B, T, G, C)
         query = self.query_norm(hidden_states)  # (B, T, G, C)
@@ -305,4 +315,5 @@ class EngramBlock(nn.Module):
         return out.squeeze(2) if squeeze_branch else out
 
     def extra_repr(self) -> str:
-        return f"layer_id={self.layer_id}, hidden_size={self.hidden_size}, hc_mult={self.hc_mult}"
+        return (f"layer_id={self.layer_id}, hidden_size={self.hidden_size}, hc_mult={self.hc_mult}, "
+                f"row_dropout={self.row_dropout}")

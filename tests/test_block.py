@@ -170,6 +170,24 @@ def test_gradients_reach_only_looked_up_rows(sparse):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
+def test_row_dropout_drops_whole_rows_in_training_only():
+    block = make_block(row_dropout=0.5, sparse_grads=True)
+    hidden, ids = random_inputs(block, B=4, T=32)
+    torch.manual_seed(0)
+    block(hidden, ids).square().sum().backward()
+    grad = block.tables.weight.grad.to_dense()
+    touched = set(grad.abs().sum(dim=1).nonzero().flatten().tolist())
+    looked_up = set(block.row_ids(ids).flatten().tolist())
+    assert touched < looked_up and len(touched) > len(looked_up) / 4  # about half the reads dropped
+
+    block.eval()  # evaluation reads every row, unscaled: the same output as a block without dropout
+    plain = make_block()
+    with torch.no_grad():
+        torch.testing.assert_close(block(hidden, ids), plain(hidden, ids))
+    with pytest.raises(ValueError, match="row_dropout"):
+        make_block(row_dropout=1.0)
+
+
 def test_state_dict_round_trip():
     block = make_block(hc_mult=2, seed=0)
     hidden, ids = random_inputs(block)

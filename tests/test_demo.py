@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from demo.corpus import load_corpus, stdlib_files
+from demo.corpus import EXCLUDED_STDLIB_DIRS, load_corpus, stdlib_dir, stdlib_files
 from demo.memory import count_collisions
 from demo.model import GPT, GPTConfig
 from demo.train import TrainConfig, batch_stream, lr_at
@@ -90,6 +90,17 @@ def test_stdlib_corpus_is_split_by_file_deterministically():
     assert not set(a.train_files) & set(a.val_files)
     assert set(a.train_files) | set(a.val_files) == set(stdlib_files())
     assert 0.05 < len(a.val_files) / len(stdlib_files()) < 0.2
+
+
+def test_stdlib_tree_leaves_out_tests_packages_and_generated_code():
+    root = stdlib_dir()
+    tree = {str(p.relative_to(root)) for p in stdlib_files()}
+    top = {str(p.relative_to(root)) for p in stdlib_files(top_level_only=True)}
+    assert top < tree and "argparse.py" in top and "json/decoder.py" in tree
+    assert not any(part in EXCLUDED_STDLIB_DIRS for path in tree for part in Path(path).parts[:-1])
+    assert "this.py" not in tree and not any(p.startswith("_sysconfigdata") for p in top)
+    assert load_corpus("stdlib-top").train_files == [p for p in load_corpus("stdlib").train_files
+                                                     if str(p.relative_to(root)) in top]
 
 
 def test_user_folder_corpus_skips_binary_files(tmp_path):
@@ -225,3 +236,28 @@ def test_quick_demo_against_running_shards(tmp_path):
     finally:
         for shard in shards:
             shard.stop()
+
+
+# ---- experiment plots ------------------------------------------------------------------------------
+
+def test_curves_plots_and_tabulates_ablation_records(tmp_path):
+    from demo.curves import curves_table, load, main, sweep_table
+
+    def record(name, rows, loss, overrides):
+        return {"name": name, "steps": 3, "overrides": overrides, "final_val_loss": loss, "val_steps": [0, 2],
+                "val_checks": [8.0, loss], "train_ema_steps": [0, 2], "train_ema": [8.0, loss - 1],
+                "params": {"table": rows * 32}, "wall_seconds": 60.0, "train_tokens": 10_000,
+                "settings": {"table_rows": rows // 8}, "table_rows": rows,
+                "collisions": {o: {"collision_rate_per_head": 0.5, "colliding_all_heads": 1, "distinct_ngrams": 9}
+                               for o in ("2", "3")}}
+
+    results = tmp_path / "runs.jsonl"
+    rows = [record("rows_10k", 80_000, 5.0, {"table_rows": 10_007}), record("baseline", 0, 5.2, None),
+            record("rows_10k", 80_000, 4.9, {"table_rows": 10_007})]  # a rerun: the last record counts
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["final_val_loss"] for r in load(results)] == [4.9, 5.2]
+    assert "| 2 | 4.900 | 5.200 |" in curves_table(load(results), every=1)
+    assert "4.9000" in sweep_table(load(results)) and "5.2000" not in sweep_table(load(results))
+    for extra in ([], ["--sweep"]):
+        main([str(results), "--out", str(tmp_path / "plot.png"), *extra])
+        assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
