@@ -104,7 +104,8 @@ def run_variant(name: str, args: argparse.Namespace, tok: TokenizedCorpus, val, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m demo.ablations", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variants", nargs="*", default=None, choices=list(VARIANTS), metavar="VARIANT",
+    # no `choices=`: argparse checks an empty list against them and refuses the bare command
+    parser.add_argument("variants", nargs="*", metavar="VARIANT",
                         help=f"any of {', '.join(VARIANTS)} (default: the 300-step ablation table)")
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--corpus", default=None, help="stdlib (default), stdlib-top or a folder, as for `python -m demo`")
@@ -117,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", type=Path, default=Path("runs/ablations.jsonl"))
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     args.variants = args.variants or ["baseline", "default", "lr_x1", "lr_x10", "lr_x20", "rows_30k", "ngram2",
                                       "ngram2_lr_x10", "layer0"]
     return args

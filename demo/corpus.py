@@ -25,8 +25,7 @@ from pathlib import Path
 EXCLUDED_STDLIB = ("_sysconfigdata", "this.py")  # generated config; rot13 text
 # Folders of the stdlib tree that are not hand-written library code: test suites, third-party
 # packages, generated codec tables and the pydoc topics dump.
-EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings",
-                                  "pydoc_data"})
+EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"})
 STDLIB_SELECTIONS = ("stdlib", "stdlib-top")  # names `--corpus` takes besides a folder
 MAX_FILE_BYTES = 2_000_000  # skip anything larger in a user folder (data dumps, minified files)
 
@@ -67,7 +66,13 @@ def stdlib_files(root: Path | None = None, *, top_level_only: bool = False) -> l
     root = stdlib_dir() if root is None else root
     paths = root.glob("*.py") if top_level_only else root.rglob("*.py")
     return sorted(p for p in paths if p.is_file() and not p.name.startswith(EXCLUDED_STDLIB)
-                  and not EXCLUDED_STDLIB_DIRS & set(p.relative_to(root).parts[:-1]))
+                  and _library_folders(p.relative_to(root).parts[:-1]))
+
+
+def _library_folders(folders: tuple[str, ...]) -> bool:
+    """Only importable package folders, none excluded: `config-3.11-<platform>` (a generated
+    build script naming this install's path), `lib-dynload` and the like vary between machines."""
+    return all(f.isidentifier() for f in folders) and not EXCLUDED_STDLIB_DIRS & set(folders)
 
 
 def folder_files(root: Path) -> list[Path]:

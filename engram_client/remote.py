@@ -348,6 +348,8 @@ class RemoteTables(TableSource):
         parts, self._accumulated = self._accumulated, []
         ids = np.concatenate([p[0] for p in parts])
         grads = np.concatenate([p[1] for p in parts])  # duplicates across micro-batches: summed by the store
+        touched = grads.any(axis=1)  # an exactly-zero gradient changes nothing (the store skips it too), e.g.
+        ids, grads = ids[touched], grads[touched]  # a row whose every read row dropout dropped: not sent
         if self.cache is not None:
             self.cache.invalidate(torch.from_numpy(ids))  # rows about to change
         lr = self.lr  # the step's own lr, for its first send and any re-send

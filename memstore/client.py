@@ -424,7 +424,8 @@ class MemStoreClient:
     def _update_chunks(header: dict, ids: np.ndarray, grads: np.ndarray) -> Iterator[bytes]:
         """~1 MiB UpdateChunks of whole rows; the header goes in the first."""
         rows_per_chunk = max(1, CHUNK_BYTES // (grads.shape[1] * 4 + 8))
-        id_bytes, grad_bytes = memoryview(ids).cast("B"), memoryview(grads).cast("B")
+        # flat views: a (0, dim) array cannot be cast (an empty step still sends its header)
+        id_bytes, grad_bytes = memoryview(ids.reshape(-1)).cast("B"), memoryview(grads.reshape(-1)).cast("B")
         grad_row = grads.shape[1] * grads.itemsize
         for start in range(0, max(len(ids), 1), rows_per_chunk):
             stop = min(len(ids), start + rows_per_chunk)

@@ -98,6 +98,9 @@ def test_stdlib_tree_leaves_out_tests_packages_and_generated_code():
     top = {str(p.relative_to(root)) for p in stdlib_files(top_level_only=True)}
     assert top < tree and "argparse.py" in top and "json/decoder.py" in tree
     assert not any(part in EXCLUDED_STDLIB_DIRS for path in tree for part in Path(path).parts[:-1])
+    # only importable package folders: nothing install- or platform-specific (config-3.x-<triplet>/)
+    assert all(part.isidentifier() for path in tree for part in Path(path).parts[:-1])
+    assert not any("site-packages" in path or path.startswith("config-") for path in tree)
     assert "this.py" not in tree and not any(p.startswith("_sysconfigdata") for p in top)
     assert load_corpus("stdlib-top").train_files == [p for p in load_corpus("stdlib").train_files
                                                      if str(p.relative_to(root)) in top]
@@ -261,3 +264,11 @@ def test_curves_plots_and_tabulates_ablation_records(tmp_path):
     for extra in ([], ["--sweep"]):
         main([str(results), "--out", str(tmp_path / "plot.png"), *extra])
         assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ablations_runs_bare_and_names_unknown_variants(capsys):
+    from demo.ablations import VARIANTS, parse_args
+    assert set(parse_args([]).variants) <= set(VARIANTS)
+    with pytest.raises(SystemExit):
+        parse_args(["no_such_variant"])
+    assert "unknown variant(s) no_such_variant" in capsys.readouterr().err

@@ -262,3 +262,27 @@ def test_memstore_training_on_a_gpu_matches_local_cpu_training(tmp_path):
         rows = client.lookup("engram_l1", np.arange(model.engram.tables.num_rows))
     np.testing.assert_allclose(losses, local_losses, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rows, local_model.engram.tables.weight.detach().numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("store", ["host", "grpc", "same-host"])
+def test_rows_with_an_exactly_zero_gradient_are_not_sent_and_a_step_of_none_still_counts(store, tmp_path):
+    """Row dropout can drop every read of a row: its gradient is exactly zero, the store would skip
+    it, so it is not sent (nor invalidated in the cache); a step with no row left is sent empty."""
+    from memstore.client import MemStoreClient
+    with contextlib.ExitStack() as stack:
+        if store == "host":
+            tables = HostTables(100, 4, optimizer="sgd", lr=1.0)
+        else:
+            server = stack.enter_context(in_process(tmp_path / "data"))
+            client = stack.enter_context(MemStoreClient(server.target, shared_memory="off" if store == "grpc" else "on"))
+            tables = MemStoreTables(client, "t", 100, 4, optimizer="sgd", lr=1.0)
+        ids = torch.arange(6).view(1, 2, 3)
+        before = tables.store.lookup(tables.name, np.arange(6))
+        (tables(ids).sum() * 0).backward()          # every row's gradient is exactly zero
+        tables.flush()
+        assert tables.step == 1 and tables.steps.ids_between(0, 1)[0].size == 0
+        np.testing.assert_array_equal(tables.store.lookup(tables.name, np.arange(6)), before)
+        weights = torch.tensor([1.0, 0.0, 1.0]).view(1, 1, 3, 1)
+        (tables(ids) * weights).sum().backward()    # rows 1 and 4 get no gradient
+        tables.flush()
+        assert tables.steps.ids_between(1, 2)[0].tolist() == [0, 2, 3, 5]
