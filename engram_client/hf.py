@@ -228,7 +228,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def add_engram(model: nn.Module, config: EngramConfig, *, layers: list[int] | None = None,
                tables: str | Any | TableFactory = "local", table_args: dict[str, Any] | None = None,
-               table_prefix: str = "engram", zero_init_conv: bool = True) -> EngramAdapter:
+               table_prefix: str = "engram", zero_init_conv: bool = True,
+               row_dropout: float = 0.0) -> EngramAdapter:
     """Add an EngramBlock before each chosen decoder layer of `model` (in place).
 
     Args:
@@ -244,6 +245,8 @@ def add_engram(model: nn.Module, config: EngramConfig, *, layers: list[int] | No
             a callable (layer_id, num_rows, dim) -> TableSource: anything else.
         table_args: keyword arguments of LocalTables / MemStoreTables (e.g. optimizer="adam", lr=1e-2).
         zero_init_conv: start each ShortConv at zero (the paper's choice).
+        row_dropout: drop whole looked-up rows in training (see `EngramBlock`; the demo uses 0.2
+            against tables memorising text seen more than once).
     """
     model_config = model.config
     layer_list = decoder_layers(model)
@@ -257,12 +260,14 @@ def add_engram(model: nn.Module, config: EngramConfig, *, layers: list[int] | No
             raise ValueError(f"decoder layer {layer_id} already has an Engram block")
     hasher = NgramHasher(config, vocab_size=model_config.vocab_size)
     make_tables = _table_factory(tables, dict(table_args or {}), table_prefix)
-    reference = next(model.parameters())
     blocks = {}
     for layer_id in layer_ids:
         source = make_tables(layer_id, hasher.total_rows(layer_id), config.head_dim)
         block = EngramBlock(config, layer_id, model_config.hidden_size, tables=source, hasher=hasher,
-                            zero_init_conv=zero_init_conv)
+                            zero_init_conv=zero_init_conv, row_dropout=row_dropout)
+        # the block lives with its decoder layer (a model split over devices keeps each block local)
+        reference = next(layer_list[layer_id].parameters(), None)
+        reference = next(model.parameters()) if reference is None else reference
         layer_list[layer_id].add_module("engram", block.to(reference.device, reference.dtype))
         blocks[layer_id] = block
     return EngramAdapter(model, config, blocks, layer_list)

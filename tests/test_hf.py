@@ -315,3 +315,8 @@ def test_load_best_model_at_end_rolls_the_tables_back_with_the_dense_weights(tmp
     assert best.endswith("checkpoint-2")
     record = json.loads((Path(best) / TABLES_FILE).read_text())["tables"]
     assert all(s.step == record[s.name]["step"] == 2 for s in engram.remote_tables())
+
+
+def test_add_engram_passes_row_dropout_to_every_block():
+    _, engram = engram_model(row_dropout=0.2)
+    assert [b.row_dropout for b in engram.blocks.values()] == [0.2, 0.2]
