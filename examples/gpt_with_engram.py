@@ -94,8 +94,18 @@ def memstore_table(cfg: GPTConfig, engram_cfg: EngramConfig, layer_id: int) -> M
     if cfg.memstore is None:
         return None
     num_rows = NgramHasher(engram_cfg, vocab_size=cfg.vocab_size).total_rows(layer_id)
-    return MemStoreTables(cfg.memstore, f"gpt_engram_l{layer_id}", num_rows, engram_cfg.head_dim,
-                          optimizer="adam", lr=3e-3)
+    tables = MemStoreTables(cfg.memstore, f"gpt_engram_l{layer_id}", num_rows, engram_cfg.head_dim,
+                            optimizer="adam", lr=3e-3)
+    say_if_trained(tables)
+    return tables
+
+
+def say_if_trained(tables: MemStoreTables) -> None:
+    """A table that already exists on the daemon is attached as it is: say so."""
+    info = tables.store.describe_table(tables.name)
+    if info.updates:
+        print(f"note: table {tables.name} exists with {info.updates} updates; training continues it "
+              f"(`memstore drop-table {tables.name} --yes` for a fresh start)")
 
 
 class GPT(nn.Module):

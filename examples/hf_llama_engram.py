@@ -122,6 +122,10 @@ def main() -> None:
                                      n_head_per_ngram=4, layer_ids=[1], pad_id=PAD)
         table_args = {} if tables == "local" else {"optimizer": "adam", "lr": 1e-2}
         engram = add_engram(model, engram_config, tables=tables, table_args=table_args)
+        for source in engram.remote_tables() if args.memstore else ():
+            if (updates := source.store.describe_table(source.name).updates):
+                print(f"note: table {source.name} exists with {updates} updates; training continues it "
+                      f"(`memstore drop-table {source.name} --yes` for a fresh start)")
         where = "memstore" if args.memstore else args.tables
         rows = sum(block.tables.num_rows for block in engram.blocks.values())
         print(f"{type(model).__name__} with Engram in decoder layer 1 ({where} tables, {rows} rows)")
