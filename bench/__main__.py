@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): memstore measured side by side with its limits and peers.
 
-    python -m bench                       # full run, ~10 minutes on 2 cores
+    python -m bench                       # full run, ~15 minutes on 2 cores (decode ~5 of them)
     python -m bench --quick               # ~1 minute, indicative only
     python -m bench --only lookup,update  # some sections (lookup update hashing e2e decode scaling cache)
 

@@ -1,6 +1,6 @@
 """What one `make bench` run measures: sizes, repeats and sections, as one dataclass.
 
-Two presets: the full run (~10 minutes on a 2-core VM) and `--quick` (~1 minute, smaller tables,
+Two presets: the full run (~15 minutes on a 2-core VM) and `--quick` (~1 minute, smaller tables,
 fewer sizes and repeats: a smoke run whose numbers are indicative only). Every field can be
 overridden from the command line (see `bench/__main__.py`).
 """
