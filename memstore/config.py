@@ -91,6 +91,8 @@ class ServerConfig:
         _check(self.max_step_timeout_s > 0, "max_step_timeout_s must be > 0")
         _check(self.drain_s >= 0 and self.grace_s >= 0, "drain_s and grace_s must be >= 0")
         _check(self.snapshot_interval_s >= 0, "snapshot_interval_s must be >= 0 (0 disables)")
+        _check(self.token == self.token.strip(), "token must not start or end with whitespace "
+               "(a blank token protects nothing; a trailing newline from a file would lock every client out)")
         self._check_protected()
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert and tls_key go together")
         _check(not self.tls_client_ca or bool(self.tls_cert), "tls_client_ca needs tls_cert/tls_key")

@@ -409,3 +409,9 @@ def test_drop_table_asks_on_a_terminal(tmp_path):
             assert (done.returncode == 0) == dropped, done.stderr
             with MemStoreClient(srv.target) as client:
                 assert (client.list_tables() == []) == dropped
+
+
+@pytest.mark.parametrize("token", [" ", "secret\n"])
+def test_a_blank_or_padded_token_is_refused(token):
+    with pytest.raises(ConfigError, match="token must not start or end with whitespace"):
+        ServerConfig(host="0.0.0.0", token=token).validate()
