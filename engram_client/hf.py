@@ -29,6 +29,7 @@ from torch import nn
 
 from engram_client.block import EngramBlock, EngramState
 from engram_client.config import EngramConfig
+from engram_client.decode import EntryPrefetch
 from engram_client.hashing import NgramHasher
 from engram_client.host import InProcessStore
 from engram_client.prefetch import Prefetcher, default_input_ids
@@ -75,6 +76,7 @@ class EngramAdapter:
     def __init__(self, model: nn.Module, config: EngramConfig, blocks: dict[int, EngramBlock],
                  layers: nn.ModuleList) -> None:
         self.model, self.config, self.blocks = model, config, blocks
+        self._entry = EntryPrefetch(list(blocks.values()))  # same order as self.blocks
         self._local = threading.local()  # the forward in progress, per thread: threads may share a model
         base = getattr(model, "base_model", model)
         self._handles = [base.register_forward_pre_hook(self._begin, with_kwargs=True),
@@ -139,9 +141,7 @@ class EngramAdapter:
         keep_state = cache is not None or (bool(use_cache) and not (module.training and torch.is_grad_enabled()))
         record = self._record_for(cache, keep_state, ids)
         if record is not None:  # decoding: every block's rows travel while the layers below run
-            with torch.no_grad():
-                for layer_id, block in self.blocks.items():
-                    block.prefetch(ids, record.states[layer_id])
+            self._entry.start(ids, [record.states[layer_id] for layer_id in self.blocks])
         self._call = _Call(ids, padding, record)
 
     def _check_checkpointing(self) -> None:
